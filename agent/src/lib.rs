@@ -1,0 +1,23 @@
+//! The node agent.
+//!
+//! ```text
+//!  source (files | kube watch)          one task per source, async
+//!      │  Vec<Event>  (Apply / Delete / Reset per kind)
+//!      ▼
+//!  index::Index        sync: k8s objects -> validated model types, bad ones skipped + logged
+//!      │  &Index
+//!      ▼
+//!  desired::compute    pure: Services x EndpointSlices -> frontends with sorted backends
+//!      │  Desired
+//!      ▼
+//!  sync::Syncer        pure diff against what was written -> ordered Ops, stable ids
+//!      │  &[Op]
+//!      ▼
+//!  MapWriter           datapath::Maps (aya, the kernel) | sync::FakeMaps (tests)
+//! ```
+pub mod datapath;
+pub mod desired;
+pub mod index;
+pub mod model;
+pub mod source;
+pub mod sync;

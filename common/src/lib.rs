@@ -1,0 +1,13 @@
+//! Types shared by the agent and the eBPF datapath.
+//!
+//! Everything in [`maps`] is part of the kernel ABI: `#[repr(C)]`, explicit padding,
+//! integers only, byte order visible in the field type. The pure logic that the datapath
+//! runs per packet but that the host can test ([`ct`], [`csum`]) lives here too.
+//!
+//! Build with the `user` feature on the host to get `aya::Pod` impls.
+#![no_std]
+
+pub mod csum;
+pub mod ct;
+pub mod maps;
+pub mod reason;

@@ -1,0 +1,180 @@
+//! Map keys and values. Every type is layout-explicit: `#[repr(C)]`, zeroed `_pad`
+//! fields (the kernel hashes every byte of a key), a compile-time size assertion, and
+//! network byte order spelled as `[u8; N]` so no one converts twice.
+//!
+//! IPv4 maps carry a `_V4` suffix; IPv6 gets its own maps of the same shape rather than
+//! widening these (as Cilium does), so v4 lookups never pay for 16-byte keys.
+
+/// Capacity of [`SERVICES_V4`](MapName::ServicesV4): frontends plus one VIP marker per ClusterIP.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of the backend slot map, summed over all services.
+pub const MAX_SLOTS: u32 = 262_144;
+/// Capacity of the backend map: distinct (IP, port, protocol) endpoints.
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Most backends one frontend may have; more and the Service is skipped.
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 16_384;
+/// Capacity of the conntrack LRU (two entries per flow: original and reply).
+pub const MAX_CT_ENTRIES: u32 = 524_288;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of `SERVICES_V4`: a ClusterIP frontend `(vip, port, proto)`.
+///
+/// A key with `port == 0 && proto == 0` is the *VIP marker* of a ClusterIP: it says "this
+/// address is a service address" so that fragments and unsupported protocols sent to it can
+/// be dropped instead of leaking to a routing table that does not know it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKeyV4 {
+    /// Virtual IP, network order.
+    pub addr: [u8; 4],
+    /// Service port, network order.
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKeyV4>() == 8);
+
+impl ServiceKeyV4 {
+    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
+        Self { addr, port: port.to_be_bytes(), proto, _pad: 0 }
+    }
+    pub const fn vip_marker(addr: [u8; 4]) -> Self {
+        Self::new(addr, 0, 0)
+    }
+    pub const fn is_vip_marker(&self) -> bool {
+        self.port[0] == 0 && self.port[1] == 0 && self.proto == 0
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// Value of `SERVICES_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Stable id of the frontend; the first half of every [`SlotKey`]. 0 for a VIP marker.
+    pub service_id: u32,
+    /// Number of valid slots `0..backend_count`. 0 means "no usable endpoints".
+    pub backend_count: u32,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+    /// Reserved for later features (affinity timeout, traffic policy); written as 0.
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// The entry is a VIP marker, not a frontend.
+pub const SVC_F_VIP_MARKER: u32 = 1;
+
+/// Key of `BACKEND_SLOTS`: slot `slot` of frontend `service_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+/// Value of `BACKENDS_V4`, keyed by a `u32` backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendV4 {
+    /// Endpoint IP, network order.
+    pub addr: [u8; 4],
+    /// Endpoint (target) port, network order.
+    pub port: [u8; 2],
+    pub proto: u8,
+    /// Reserved for backend state (terminating, maintenance); written as 0.
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<BackendV4>() == 8);
+
+impl BackendV4 {
+    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
+        Self { addr, port: port.to_be_bytes(), proto, flags: 0 }
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// Direction of a conntrack entry.
+pub const CT_DIR_ORIGINAL: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of `CT_V4`: a packet's 5-tuple as it is seen on the wire, plus the direction.
+///
+/// A service flow has two entries: the ORIGINAL one keyed by what the client sends
+/// (`client -> vip`) and the REPLY one keyed by what the backend sends (`backend -> client`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKeyV4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 16);
+
+/// Value of `CT_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValueV4 {
+    /// ORIGINAL: the backend the flow is DNATed to. REPLY: the VIP replies are SNATed to.
+    pub nat_addr: [u8; 4],
+    pub nat_port: [u8; 2],
+    /// [`crate::ct::TcpState`] as an integer (0 for UDP).
+    pub state: u8,
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    /// Frontend id at the time the flow was created.
+    pub service_id: u32,
+    /// Backend id the flow is pinned to; checked against `BACKENDS_V4` on every packet.
+    pub backend_id: u32,
+    /// `bpf_ktime_get_ns()` after which the entry is dead.
+    pub expires_ns: u64,
+    /// Reserved for the policy verdict and identity of the flow; written as 0.
+    pub policy: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtValueV4>() == 32);
+
+/// Index into the per-CPU `COUNTERS` array; one slot per [`crate::reason::Reason`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Names of the maps in the object file, shared so the agent and tests never misspell them.
+pub mod names {
+    pub const SERVICES_V4: &str = "SERVICES_V4";
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const BACKENDS_V4: &str = "BACKENDS_V4";
+    pub const CT_V4: &str = "CT_V4";
+    pub const COUNTERS: &str = "COUNTERS";
+    /// The tc program attached to the host side of every pod veth.
+    pub const PROG_FROM_POD: &str = "from_pod";
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are `repr(C)`, integers and byte arrays only, with explicit
+    // padding (the size assertions above prove there is no implicit padding).
+    unsafe impl aya::Pod for ServiceKeyV4 {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for BackendV4 {}
+    unsafe impl aya::Pod for CtKeyV4 {}
+    unsafe impl aya::Pod for CtValueV4 {}
+    unsafe impl aya::Pod for Counter {}
+}
