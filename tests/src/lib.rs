@@ -1,1 +1,4 @@
-
+//! Shared helpers for the privileged tests and the benchmarks: a packet builder and parser
+//! for crafted frames, and a way to run the real `from_pod` program on them.
+pub mod packet;
+pub mod run;

@@ -1,0 +1,183 @@
+//! The kernel side as the agent sees it: load the embedded eBPF object, attach the tc
+//! program to pod interfaces, write the service maps ([`MapWriter`]) and read counters.
+use std::collections::BTreeSet;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType},
+};
+use nodeplane_common::{
+    maps::{BackendV4, Counter, CtKeyV4, CtValueV4, ServiceKeyV4, ServiceValue, SlotKey, names},
+    reason::Reason,
+};
+
+use crate::sync::{MapWriter, Op, WriteError};
+
+/// The eBPF object built by `build.rs` from `dataplane-ebpf/`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeplane"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("attaching to {iface}: {source}")]
+    Attach { iface: String, source: aya::programs::ProgramError },
+    #[error("listing network interfaces: {0}")]
+    Interfaces(std::io::Error),
+}
+
+/// A loaded datapath. Dropping it detaches every program and frees the maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    maps: Maps,
+    attached: BTreeSet<String>,
+}
+
+/// Typed handles on the maps, taken out of the object at load.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKeyV4, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, BackendV4>,
+    pub ct: HashMap<MapData, CtKeyV4, CtValueV4>,
+    pub counters: PerCpuArray<MapData, Counter>,
+}
+
+impl Datapath {
+    /// Loads the embedded object and verifies the program.
+    pub fn load() -> Result<Self, DatapathError> {
+        Self::load_with(&mut EbpfLoader::new())
+    }
+
+    /// Loads with a caller-prepared loader (tests shrink map sizes, later versions pin).
+    pub fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self, DatapathError> {
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let prog = from_pod_mut(&mut ebpf)?;
+        prog.load().map_err(|source| DatapathError::Program { name: names::PROG_FROM_POD, source })?;
+        let maps = Maps {
+            services: take_map(&mut ebpf, names::SERVICES_V4)?,
+            slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,
+            backends: take_map(&mut ebpf, names::BACKENDS_V4)?,
+            ct: take_map(&mut ebpf, names::CT_V4)?,
+            counters: take_map(&mut ebpf, names::COUNTERS)?,
+        };
+        Ok(Self { ebpf, maps, attached: BTreeSet::new() })
+    }
+
+    /// The `from_pod` program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(names::PROG_FROM_POD)
+            .and_then(|p| p.try_into().ok())
+            .expect("from_pod was loaded as a SchedClassifier in load_with")
+    }
+
+    pub fn maps(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// Attaches `from_pod` to the ingress of every interface whose name starts with
+    /// `prefix` and that is not attached yet. Returns the newly attached names.
+    pub fn attach_matching(&mut self, prefix: &str) -> Result<Vec<String>, DatapathError> {
+        let names = interface_names().map_err(DatapathError::Interfaces)?;
+        let mut new = Vec::new();
+        for name in names.into_iter().filter(|n| n.starts_with(prefix)) {
+            if self.attached.contains(&name) {
+                continue;
+            }
+            let prog = from_pod_mut(&mut self.ebpf)?;
+            // tcx (kernel >= 6.6) needs no clsact qdisc; aya falls back to netlink below.
+            prog.attach(&name, TcAttachType::Ingress)
+                .map_err(|source| DatapathError::Attach { iface: name.clone(), source })?;
+            self.attached.insert(name.clone());
+            new.push(name);
+        }
+        // Interfaces that disappeared (pod deleted) took their attachment with them.
+        let live = interface_names().map_err(DatapathError::Interfaces)?;
+        self.attached.retain(|n| live.contains(n));
+        Ok(new)
+    }
+
+    /// Counters summed over CPUs, one per reason.
+    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, DatapathError> {
+        self.maps.counters()
+    }
+}
+
+impl Maps {
+    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, DatapathError> {
+        Reason::ALL
+            .iter()
+            .map(|&reason| {
+                let per_cpu = self
+                    .counters
+                    .get(&(reason as u32), 0)
+                    .map_err(|source| DatapathError::Map { name: names::COUNTERS, source })?;
+                let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                });
+                Ok((reason, total))
+            })
+            .collect()
+    }
+}
+
+impl MapWriter for Maps {
+    fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
+        let result = match *op {
+            Op::PutBackend { id, backend } => self.backends.insert(id, backend, 0),
+            Op::PutSlot { key, backend_id } => self.slots.insert(key, backend_id, 0),
+            Op::PutService { key, value } => self.services.insert(key, value, 0),
+            Op::DelService { key } => self.services.remove(&key),
+            Op::DelSlot { key } => self.slots.remove(&key),
+            Op::DelBackend { id } => self.backends.remove(&id),
+        };
+        result.map_err(|e| WriteError { op: op.clone(), reason: e.to_string() })
+    }
+}
+
+fn from_pod_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
+    let name = names::PROG_FROM_POD;
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// Interface names of the current network namespace (`if_nameindex(3)`; no sysfs needed,
+/// which matters under `ip netns exec` without a remounted /sys).
+pub fn interface_names() -> std::io::Result<BTreeSet<String>> {
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry, freed below.
+    unsafe {
+        let head = libc::if_nameindex();
+        if head.is_null() {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut names = BTreeSet::new();
+        let mut cur = head;
+        while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
+            names.insert(std::ffi::CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned());
+            cur = cur.add(1);
+        }
+        libc::if_freenameindex(head);
+        Ok(names)
+    }
+}

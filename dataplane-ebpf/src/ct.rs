@@ -1,0 +1,149 @@
+//! The datapath's conntrack. A service flow has two entries in `CT_V4`:
+//!
+//! - ORIGINAL, keyed by the client's packet `client:cport -> vip:vport`, holding the
+//!   backend, the TCP state and the deadline. It is the authority on whether the flow lives.
+//! - REPLY, keyed by the backend's packet `backend:bport -> client:cport`, holding the VIP
+//!   to rewrite the source to. It is trusted only while its ORIGINAL entry is alive and
+//!   still points at this backend, so a stale REPLY entry can never translate a packet.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use nodeplane_common::{
+    ct::{TcpState, lifetime_ns, tcp_next},
+    maps::{BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKeyV4, CtValueV4, IPPROTO_TCP},
+    reason::Reason,
+};
+
+use crate::{maps::CT_V4, parse::Packet};
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn original_key(pkt: &Packet) -> CtKeyV4 {
+    CtKeyV4 {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
+    }
+}
+
+/// The live ORIGINAL entry of `pkt`'s flow for frontend `service_id`, if any. An entry of a
+/// frontend that was deleted and re-created (new id) does not count.
+#[inline(always)]
+pub fn lookup_original(pkt: &Packet, service_id: u32, now: u64) -> Option<*mut CtValueV4> {
+    let entry = CT_V4.get_ptr_mut(original_key(pkt))?;
+    // SAFETY: valid element pointer for this run (RCU).
+    let e = unsafe { &*entry };
+    (e.expires_ns > now && e.service_id == service_id).then_some(entry)
+}
+
+/// What a reply of a service flow must be rewritten to.
+pub struct RevNat {
+    pub vip: [u8; 4],
+    pub vport: [u8; 2],
+}
+
+/// For a packet from a backend to a client: the VIP to rewrite its source to, if it belongs
+/// to a live service flow. Refreshes the flow's state and deadline.
+#[inline(always)]
+pub fn lookup_reply(pkt: &Packet) -> Option<RevNat> {
+    let key = CtKeyV4 { dir: CT_DIR_REPLY, ..original_key(pkt) };
+    // SAFETY: plain-data value copied out at once.
+    let reply = *unsafe { CT_V4.get(&key) }?;
+    let okey = CtKeyV4 {
+        saddr: pkt.daddr,
+        daddr: reply.nat_addr,
+        sport: pkt.dport,
+        dport: reply.nat_port,
+        proto: pkt.proto,
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
+    };
+    let now = now();
+    let original = CT_V4.get_ptr_mut(&okey)?;
+    // SAFETY: valid element pointer for this run (RCU).
+    let original = unsafe { &mut *original };
+    if original.expires_ns <= now
+        || original.nat_addr != pkt.saddr
+        || original.nat_port != pkt.sport
+    {
+        return None;
+    }
+    refresh(original, pkt, now);
+    Some(RevNat { vip: reply.nat_addr, vport: reply.nat_port })
+}
+
+/// Advances the TCP state with this packet's flags and pushes the deadline.
+#[inline(always)]
+pub fn refresh(entry: &mut CtValueV4, pkt: &Packet, now: u64) {
+    let state = if pkt.proto == IPPROTO_TCP {
+        tcp_next(TcpState::from_u8(entry.state), pkt.tcp_flags)
+    } else {
+        TcpState::None
+    };
+    entry.state = state as u8;
+    entry.expires_ns = now + lifetime_ns(pkt.proto, state);
+}
+
+/// Records a new flow `pkt` -> `backend`: the ORIGINAL and the REPLY entry.
+#[inline(always)]
+pub fn create(
+    pkt: &Packet,
+    service_id: u32,
+    backend_id: u32,
+    backend: &BackendV4,
+    now: u64,
+) -> Result<(), Reason> {
+    let state = if pkt.proto == IPPROTO_TCP {
+        tcp_next(TcpState::None, pkt.tcp_flags)
+    } else {
+        TcpState::None
+    };
+    let expires_ns = now + lifetime_ns(pkt.proto, state);
+    let original = CtValueV4 {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        state: state as u8,
+        flags: 0,
+        service_id,
+        backend_id,
+        expires_ns,
+        policy: 0,
+        _reserved: 0,
+    };
+    let reply_key = CtKeyV4 {
+        saddr: backend.addr,
+        daddr: pkt.saddr,
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let reply = CtValueV4 { nat_addr: pkt.daddr, nat_port: pkt.dport, ..original };
+    // REPLY first: a reply can only arrive after the ORIGINAL packet is forwarded anyway.
+    CT_V4.insert(&reply_key, &reply, 0).map_err(|_| Reason::DropCtInsertFailed)?;
+    CT_V4.insert(&original_key(pkt), &original, 0).map_err(|_| Reason::DropCtInsertFailed)
+}
+
+/// Drops the REPLY entry of a flow whose backend is being replaced.
+#[inline(always)]
+pub fn forget_reply(pkt: &Packet, original: &CtValueV4) {
+    let key = CtKeyV4 {
+        saddr: original.nat_addr,
+        daddr: pkt.saddr,
+        sport: original.nat_port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    // A missing entry (already evicted) is fine.
+    let _ = CT_V4.remove(&key);
+}

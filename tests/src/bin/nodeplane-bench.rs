@@ -1,0 +1,148 @@
+//! `cargo xtask bench`: per-packet cost of `from_pod` (BPF_PROG_TEST_RUN) and the agent's
+//! programming time. Prints a table; docs/BENCHMARKS.md records the numbers and the method.
+//!
+//! Method for the packet path: every sample is one `BPF_PROG_TEST_RUN` with `repeat = 1`
+//! (with `repeat > 1` the kernel would rerun the program on the frame it already rewrote, so
+//! an "established" run would measure pass-through). The kernel reports the run time of the
+//! program alone; we report the median and the mean over `SAMPLES` runs. Configurations are
+//! measured interleaved, in one process, so machine noise hits them alike.
+use std::{net::Ipv4Addr, time::Instant};
+
+use aya::programs::{TestRun, TestRunOptions};
+use nodeplane_agent::{
+    datapath::Datapath,
+    sync::{MapWriter, Op},
+};
+use nodeplane_common::maps::{BackendV4, IPPROTO_TCP, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey};
+use nodeplane_tests::packet::{Frame, TCP_ACK, TCP_SYN};
+
+const SAMPLES: usize = 20_000;
+const ROUNDS: usize = 5;
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
+}
+
+fn endpoint(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i)
+}
+
+/// Writes `services` frontends on port 80 with `endpoints` backends each, through the
+/// agent's MapWriter (one id per backend).
+fn populate(dp: &mut Datapath, services: u32, endpoints: u32) {
+    let maps = dp.maps();
+    let mut put = |op: Op| maps.apply(&op).unwrap_or_else(|e| panic!("populate: {e}"));
+    for s in 0..services {
+        let addr = vip(s).octets();
+        put(Op::PutService {
+            key: ServiceKeyV4::vip_marker(addr),
+            value: ServiceValue { flags: SVC_F_VIP_MARKER, ..Default::default() },
+        });
+        let service_id = s + 1;
+        for e in 0..endpoints {
+            let id = s * endpoints + e + 1;
+            put(Op::PutBackend { id, backend: BackendV4::new(endpoint(id).octets(), 8080, IPPROTO_TCP) });
+            put(Op::PutSlot { key: SlotKey { service_id, slot: e }, backend_id: id });
+        }
+        put(Op::PutService {
+            key: ServiceKeyV4::new(addr, 80, IPPROTO_TCP),
+            value: ServiceValue { service_id, backend_count: endpoints, ..Default::default() },
+        });
+    }
+}
+
+fn run_ns(dp: &Datapath, frame: &[u8], out: &mut [u8]) -> u64 {
+    let r = dp
+        .program()
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(out), ..TestRunOptions::default() })
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
+    r.duration.as_nanos() as u64
+}
+
+#[derive(Default)]
+struct Series(Vec<u64>);
+
+impl Series {
+    fn median(&self) -> u64 {
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    }
+    fn mean(&self) -> f64 {
+        self.0.iter().sum::<u64>() as f64 / self.0.len().max(1) as f64
+    }
+}
+
+struct Config {
+    name: &'static str,
+    dp: Datapath,
+    target: Ipv4Addr,
+    new_flow: Series,
+    established: Series,
+    non_service: Series,
+    next_port: u32,
+}
+
+fn measure_round(c: &mut Config, out: &mut [u8]) {
+    let client = Ipv4Addr::new(10, 244, 0, 2);
+    let est = Frame::tcp((client, 33333), (c.target, 80), TCP_ACK).build();
+    run_ns(&c.dp, &est, out); // creates the flow
+    let other = Frame::tcp((client, 33334), (Ipv4Addr::new(10, 244, 0, 9), 8080), TCP_ACK).build();
+    for _ in 0..SAMPLES / ROUNDS {
+        // New flows: a fresh source (port, then address) per sample.
+        let p = c.next_port;
+        c.next_port += 1;
+        let src = Ipv4Addr::from(u32::from(client) + (p >> 16));
+        let syn = Frame::tcp((src, (p & 0xffff) as u16 | 1024), (c.target, 80), TCP_SYN).build();
+        c.new_flow.0.push(run_ns(&c.dp, &syn, out));
+        c.established.0.push(run_ns(&c.dp, &est, out));
+        c.non_service.0.push(run_ns(&c.dp, &other, out));
+    }
+}
+
+fn main() {
+    let mut out = vec![0u8; 256];
+    let mut configs = Vec::new();
+    for (name, services, endpoints) in [("1 service x 10 endpoints", 1, 10), ("10,000 services x 10 endpoints", 10_000, 10)] {
+        let mut dp = Datapath::load().unwrap_or_else(|e| panic!("loading the datapath (root needed): {e}"));
+        let t = Instant::now();
+        populate(&mut dp, services, endpoints);
+        eprintln!("populated {name} in {:?}", t.elapsed());
+        configs.push(Config {
+            name,
+            dp,
+            target: vip(services / 2),
+            new_flow: Series::default(),
+            established: Series::default(),
+            non_service: Series::default(),
+            next_port: 0,
+        });
+    }
+    for _ in 0..ROUNDS {
+        for c in &mut configs {
+            measure_round(c, &mut out);
+        }
+    }
+    println!("\nfrom_pod per-packet cost, BPF_PROG_TEST_RUN, {SAMPLES} samples each (median / mean ns)");
+    println!("{:<32} {:>18} {:>18} {:>18}", "maps hold", "new flow", "established", "non-service");
+    for c in &configs {
+        println!(
+            "{:<32} {:>8} / {:>7.1} {:>8} / {:>7.1} {:>8} / {:>7.1}",
+            c.name,
+            c.new_flow.median(),
+            c.new_flow.mean(),
+            c.established.median(),
+            c.established.mean(),
+            c.non_service.median(),
+            c.non_service.mean()
+        );
+    }
+    let (a, b) = (&configs[0], &configs[1]);
+    println!(
+        "established-flow cost at 10,000 services / at 1 service: {:.3} (mean), {:.3} (median)",
+        b.established.mean() / a.established.mean(),
+        b.established.median() as f64 / a.established.median().max(1) as f64
+    );
+    drop(configs);
+    nodeplane_tests::bench_agent::run();
+}

@@ -1,0 +1,155 @@
+//! Crafted Ethernet/IPv4/TCP/UDP frames with correct checksums, and a view that reads a
+//! frame back and verifies its checksums from scratch.
+use std::net::Ipv4Addr;
+
+use nodeplane_common::{
+    csum,
+    maps::{IPPROTO_TCP, IPPROTO_UDP},
+};
+
+pub const ETH_HLEN: usize = 14;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = 0x01;
+
+/// A frame to build. Defaults: TCP SYN, no IP options, not fragmented, 4 payload bytes.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+    pub proto: u8,
+    pub tcp_flags: u8,
+    /// IPv4 option bytes (padded to a multiple of 4 with NOPs).
+    pub ip_options: Vec<u8>,
+    /// The IPv4 `frag_off` field (flags + offset), host order.
+    pub frag_off: u16,
+    pub payload: Vec<u8>,
+    /// For UDP: send checksum 0 ("no checksum").
+    pub udp_zero_csum: bool,
+}
+
+impl Frame {
+    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Self {
+        Self {
+            src,
+            dst,
+            proto: IPPROTO_TCP,
+            tcp_flags: flags,
+            ip_options: Vec::new(),
+            frag_off: 0,
+            payload: b"ping".to_vec(),
+            udp_zero_csum: false,
+        }
+    }
+
+    pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
+        Self { proto: IPPROTO_UDP, tcp_flags: 0, ..Self::tcp(src, dst, 0) }
+    }
+
+    /// An IPv4 packet of another protocol (e.g. ICMP = 1) with `payload` as its body.
+    pub fn other(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
+        Self { proto, ..Self::tcp((src, 0), (dst, 0), 0) }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut l4 = match self.proto {
+            IPPROTO_TCP => {
+                let mut h = vec![0u8; 20];
+                h[0..2].copy_from_slice(&self.src.1.to_be_bytes());
+                h[2..4].copy_from_slice(&self.dst.1.to_be_bytes());
+                h[4..8].copy_from_slice(&1000u32.to_be_bytes());
+                h[12] = 5 << 4;
+                h[13] = self.tcp_flags;
+                h[14..16].copy_from_slice(&65535u16.to_be_bytes());
+                h
+            }
+            IPPROTO_UDP => {
+                let mut h = vec![0u8; 8];
+                h[0..2].copy_from_slice(&self.src.1.to_be_bytes());
+                h[2..4].copy_from_slice(&self.dst.1.to_be_bytes());
+                let len = (8 + self.payload.len()) as u16;
+                h[4..6].copy_from_slice(&len.to_be_bytes());
+                h
+            }
+            _ => Vec::new(),
+        };
+        l4.extend_from_slice(&self.payload);
+        let (s, d) = (self.src.0.octets(), self.dst.0.octets());
+        match self.proto {
+            IPPROTO_TCP => {
+                let c = csum::l4_ipv4(s, d, IPPROTO_TCP, &l4);
+                l4[16..18].copy_from_slice(&c.to_be_bytes());
+            }
+            IPPROTO_UDP if !self.udp_zero_csum => {
+                let c = csum::l4_ipv4(s, d, IPPROTO_UDP, &l4);
+                l4[6..8].copy_from_slice(&c.to_be_bytes());
+            }
+            _ => {}
+        }
+        let mut opts = self.ip_options.clone();
+        while opts.len() % 4 != 0 {
+            opts.push(1); // NOP
+        }
+        let ihl = 5 + opts.len() / 4;
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x40 | ihl as u8;
+        ip[2..4].copy_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        ip[6..8].copy_from_slice(&self.frag_off.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = self.proto;
+        ip[12..16].copy_from_slice(&s);
+        ip[16..20].copy_from_slice(&d);
+        ip.extend_from_slice(&opts);
+        let c = csum::ipv4_header(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+
+        let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+/// What a TCP/UDP over IPv4 frame says, read back after the program ran.
+#[derive(Debug, PartialEq, Eq)]
+pub struct View {
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+    pub proto: u8,
+    /// Raw L4 checksum field.
+    pub l4_csum: u16,
+    pub ip_options: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl View {
+    /// Parses `frame` and checks both checksums by recomputing them; panics with context
+    /// if either is wrong (a wrong checksum is a test failure, never a skipped check).
+    pub fn parse_checked(frame: &[u8]) -> Self {
+        let ip = &frame[ETH_HLEN..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        assert_eq!(csum::ipv4_header(&ip[..ihl]), 0, "IPv4 header checksum is wrong: {frame:02x?}");
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let (s, d) = ([ip[12], ip[13], ip[14], ip[15]], [ip[16], ip[17], ip[18], ip[19]]);
+        let proto = ip[9];
+        let l4 = &ip[ihl..total];
+        let csum_field = match proto {
+            IPPROTO_TCP => u16::from_be_bytes([l4[16], l4[17]]),
+            IPPROTO_UDP => u16::from_be_bytes([l4[6], l4[7]]),
+            other => panic!("View only reads TCP/UDP, got protocol {other}"),
+        };
+        if !(proto == IPPROTO_UDP && csum_field == 0) {
+            assert_eq!(csum::l4_ipv4(s, d, proto, l4), 0, "L4 checksum is wrong: {frame:02x?}");
+        }
+        let hlen = if proto == IPPROTO_TCP { 20 } else { 8 };
+        Self {
+            src: (s.into(), u16::from_be_bytes([l4[0], l4[1]])),
+            dst: (d.into(), u16::from_be_bytes([l4[2], l4[3]])),
+            proto,
+            l4_csum: csum_field,
+            ip_options: ip[20..ihl].to_vec(),
+            payload: l4[hlen..].to_vec(),
+        }
+    }
+}

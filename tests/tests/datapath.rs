@@ -1,0 +1,287 @@
+//! BPF_PROG_TEST_RUN tests: the real `from_pod` program on crafted frames, with maps
+//! written through the agent's own `MapWriter`. Needs root (run with `cargo xtask test`).
+use std::net::Ipv4Addr;
+
+use nodeplane_agent::{
+    datapath::Datapath,
+    sync::{MapWriter, Op},
+};
+use nodeplane_common::{
+    maps::{
+        BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP,
+        SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey,
+    },
+    reason::Reason,
+};
+use nodeplane_tests::{
+    packet::{Frame, TCP_ACK, TCP_SYN, View},
+    run::{TC_ACT_OK, TC_ACT_SHOT, run_once},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 2), 40000);
+const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 244, 0, 11), Ipv4Addr::new(10, 244, 0, 12), Ipv4Addr::new(10, 244, 0, 13)];
+const TCP_PORT: u16 = 80;
+const TCP_TARGET: u16 = 8080;
+const UDP_PORT: u16 = 53;
+const UDP_TARGET: u16 = 5353;
+/// A frontend with no endpoints.
+const EMPTY_PORT: u16 = 81;
+
+fn write(dp: &mut Datapath, op: Op) {
+    dp.maps().apply(&op).unwrap_or_else(|e| panic!("writing fixture: {e}"));
+}
+
+fn service(dp: &mut Datapath, id: u32, port: u16, proto: u8, backends: &[(u32, BackendV4)]) {
+    for (bid, b) in backends {
+        write(dp, Op::PutBackend { id: *bid, backend: *b });
+    }
+    for (slot, (bid, _)) in backends.iter().enumerate() {
+        let key = SlotKey { service_id: id, slot: slot as u32 };
+        write(dp, Op::PutSlot { key, backend_id: *bid });
+    }
+    let value = ServiceValue { service_id: id, backend_count: backends.len() as u32, ..Default::default() };
+    write(dp, Op::PutService { key: ServiceKeyV4::new(VIP.octets(), port, proto), value });
+}
+
+fn tcp_backends() -> Vec<(u32, BackendV4)> {
+    BACKENDS.iter().enumerate().map(|(i, ip)| (i as u32 + 1, BackendV4::new(ip.octets(), TCP_TARGET, IPPROTO_TCP))).collect()
+}
+
+fn udp_backends() -> Vec<(u32, BackendV4)> {
+    BACKENDS.iter().enumerate().map(|(i, ip)| (i as u32 + 11, BackendV4::new(ip.octets(), UDP_TARGET, IPPROTO_UDP))).collect()
+}
+
+/// A loaded datapath with one ClusterIP: 80/TCP and 53/UDP to three backends, 81/TCP empty.
+fn fixture() -> Datapath {
+    let mut dp = Datapath::load().unwrap_or_else(|e| panic!("loading the datapath (root needed): {e}"));
+    let marker = ServiceValue { flags: SVC_F_VIP_MARKER, ..Default::default() };
+    write(&mut dp, Op::PutService { key: ServiceKeyV4::vip_marker(VIP.octets()), value: marker });
+    service(&mut dp, 1, TCP_PORT, IPPROTO_TCP, &tcp_backends());
+    service(&mut dp, 2, UDP_PORT, IPPROTO_UDP, &udp_backends());
+    service(&mut dp, 3, EMPTY_PORT, IPPROTO_TCP, &[]);
+    dp
+}
+
+fn count(dp: &mut Datapath, reason: Reason) -> u64 {
+    let all = dp.counters().unwrap_or_else(|e| panic!("reading counters: {e}"));
+    all.iter().find(|(r, _)| *r == reason).map(|(_, c)| c.packets).unwrap_or(0)
+}
+
+/// Runs `frame`, asserts the action and that exactly `reason` was counted for it.
+fn expect(dp: &mut Datapath, frame: &[u8], action: u32, reason: Reason) -> Vec<u8> {
+    let before = count(dp, reason);
+    let out = run_once(dp, frame);
+    assert_eq!(out.action, action, "tc action for {reason:?}");
+    assert_eq!(count(dp, reason), before + 1, "counter {} not incremented", reason.name());
+    out.frame
+}
+
+#[test]
+fn first_packet_is_dnated_with_valid_checksums_and_recorded_in_conntrack() {
+    let mut dp = fixture();
+    let frame = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
+    let out = View::parse_checked(&expect(&mut dp, &frame, TC_ACT_OK, Reason::NatNew));
+    assert_eq!(out.src, CLIENT, "source must not change on DNAT");
+    assert!(BACKENDS.contains(&out.dst.0), "DNAT to a non-backend {:?}", out.dst);
+    assert_eq!(out.dst.1, TCP_TARGET);
+    assert_eq!(out.payload, b"ping");
+
+    let orig = CtKeyV4 {
+        saddr: CLIENT.0.octets(),
+        daddr: VIP.octets(),
+        sport: CLIENT.1.to_be_bytes(),
+        dport: TCP_PORT.to_be_bytes(),
+        proto: IPPROTO_TCP,
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
+    };
+    let entry = dp.maps().ct.get(&orig, 0).expect("ORIGINAL conntrack entry");
+    assert_eq!(entry.nat_addr, out.dst.0.octets());
+    assert_eq!(entry.service_id, 1);
+    let reply = CtKeyV4 {
+        saddr: out.dst.0.octets(),
+        daddr: CLIENT.0.octets(),
+        sport: TCP_TARGET.to_be_bytes(),
+        dport: CLIENT.1.to_be_bytes(),
+        proto: IPPROTO_TCP,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let entry = dp.maps().ct.get(&reply, 0).expect("REPLY conntrack entry");
+    assert_eq!((entry.nat_addr, entry.nat_port), (VIP.octets(), TCP_PORT.to_be_bytes()));
+}
+
+#[test]
+fn later_packets_stick_to_the_backend_and_replies_are_reverse_nated() {
+    let mut dp = fixture();
+    let syn = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
+    let backend = View::parse_checked(&run_once(&dp, &syn).frame).dst;
+
+    let reply = Frame::tcp(backend, CLIENT, TCP_SYN | TCP_ACK).build();
+    let out = View::parse_checked(&expect(&mut dp, &reply, TC_ACT_OK, Reason::RevNat));
+    assert_eq!(out.src, (VIP, TCP_PORT), "reply must come from the VIP");
+    assert_eq!(out.dst, CLIENT);
+
+    for _ in 0..20 {
+        let ack = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_ACK).build();
+        let out = View::parse_checked(&expect(&mut dp, &ack, TC_ACT_OK, Reason::NatEstablished));
+        assert_eq!(out.dst, backend, "an established flow changed backend");
+    }
+}
+
+#[test]
+fn new_flows_spread_over_all_backends() {
+    let dp = fixture();
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 0..200 {
+        let frame = Frame::tcp((CLIENT.0, 20000 + port), (VIP, TCP_PORT), TCP_SYN).build();
+        seen.insert(View::parse_checked(&run_once(&dp, &frame).frame).dst.0);
+    }
+    assert_eq!(seen, BACKENDS.into_iter().collect(), "200 flows must reach all 3 backends");
+}
+
+#[test]
+fn udp_is_translated_both_ways_and_a_zero_checksum_stays_zero() {
+    let mut dp = fixture();
+    let frame = Frame::udp(CLIENT, (VIP, UDP_PORT)).build();
+    let out = View::parse_checked(&expect(&mut dp, &frame, TC_ACT_OK, Reason::NatNew));
+    assert!(BACKENDS.contains(&out.dst.0));
+    assert_eq!(out.dst.1, UDP_TARGET);
+    let reply = Frame::udp(out.dst, CLIENT).build();
+    let back = View::parse_checked(&expect(&mut dp, &reply, TC_ACT_OK, Reason::RevNat));
+    assert_eq!(back.src, (VIP, UDP_PORT));
+
+    let mut nocsum = Frame::udp((CLIENT.0, 40001), (VIP, UDP_PORT));
+    nocsum.udp_zero_csum = true;
+    let out = View::parse_checked(&run_once(&dp, &nocsum.build()).frame);
+    assert_eq!(out.dst.1, UDP_TARGET);
+    assert_eq!(out.l4_csum, 0, "UDP without checksum must stay without checksum");
+}
+
+#[test]
+fn ip_options_are_skipped_with_the_real_ihl() {
+    let mut dp = fixture();
+    let mut f = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN);
+    // Router alert (RFC 2113), 4 bytes, plus 4 bytes of NOPs: IHL = 7.
+    f.ip_options = vec![0x94, 0x04, 0x00, 0x00, 1, 1, 1, 1];
+    let out = View::parse_checked(&expect(&mut dp, &f.build(), TC_ACT_OK, Reason::NatNew));
+    assert_eq!(out.dst.1, TCP_TARGET, "ports were read at a fixed offset");
+    assert_eq!(out.src.1, CLIENT.1);
+    assert_eq!(out.ip_options, f.ip_options, "options must be untouched");
+}
+
+#[test]
+fn traffic_not_for_a_service_passes_untouched() {
+    let mut dp = fixture();
+    let cases = [
+        Frame::tcp(CLIENT, (BACKENDS[0], TCP_TARGET), TCP_SYN).build(),
+        Frame::udp(CLIENT, (Ipv4Addr::new(10, 96, 0, 99), UDP_PORT)).build(),
+        // The VIP, but a port no frontend has: not translated.
+        Frame::tcp(CLIENT, (VIP, 8443), TCP_SYN).build(),
+        // A reply-looking packet of a flow conntrack never saw.
+        Frame::tcp((BACKENDS[1], TCP_TARGET), CLIENT, TCP_ACK).build(),
+    ];
+    for frame in cases {
+        let out = expect(&mut dp, &frame, TC_ACT_OK, Reason::PassNotService);
+        assert_eq!(out, frame, "non-service traffic was modified");
+    }
+}
+
+#[test]
+fn a_service_without_endpoints_drops_and_counts_no_backends() {
+    let mut dp = fixture();
+    let frame = Frame::tcp(CLIENT, (VIP, EMPTY_PORT), TCP_SYN).build();
+    expect(&mut dp, &frame, TC_ACT_SHOT, Reason::DropNoBackends);
+}
+
+#[test]
+fn an_established_flow_whose_backend_is_gone_moves_to_a_live_one() {
+    let mut dp = fixture();
+    let syn = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
+    let first = View::parse_checked(&run_once(&dp, &syn).frame).dst;
+    // Rewrite the service without that backend, in the agent's order: slots, service,
+    // then the backend entry itself.
+    let remaining: Vec<_> = tcp_backends().into_iter().filter(|(_, b)| b.addr != first.0.octets()).collect();
+    let gone = tcp_backends().into_iter().find(|(_, b)| b.addr == first.0.octets()).map(|(id, _)| id);
+    service(&mut dp, 1, TCP_PORT, IPPROTO_TCP, &remaining);
+    write(&mut dp, Op::DelSlot { key: SlotKey { service_id: 1, slot: 2 } });
+    write(&mut dp, Op::DelBackend { id: gone.expect("first backend is one of the fixture's") });
+
+    let ack = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_ACK).build();
+    let out = View::parse_checked(&expect(&mut dp, &ack, TC_ACT_OK, Reason::NatReselected));
+    assert_ne!(out.dst, first, "sent to a removed backend");
+    assert!(remaining.iter().any(|(_, b)| b.addr == out.dst.0.octets()));
+    // The old backend's reply entry no longer translates.
+    let stale = Frame::tcp(first, CLIENT, TCP_ACK).build();
+    let out = expect(&mut dp, &stale, TC_ACT_OK, Reason::PassNotService);
+    assert_eq!(out, stale);
+}
+
+#[test]
+fn a_deleted_service_is_no_longer_translated() {
+    let mut dp = fixture();
+    let syn = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
+    run_once(&dp, &syn);
+    write(&mut dp, Op::DelService { key: ServiceKeyV4::new(VIP.octets(), TCP_PORT, IPPROTO_TCP) });
+    let ack = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_ACK).build();
+    let out = expect(&mut dp, &ack, TC_ACT_OK, Reason::PassNotService);
+    assert_eq!(out, ack);
+}
+
+/// Malformed and odd packets: each passes or drops by the rule in docs/ARCHITECTURE.md and
+/// is never translated.
+#[test]
+fn malformed_packets_are_never_translated() {
+    let mut dp = fixture();
+    let good = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
+
+    let mut truncated_ip = good[..14 + 12].to_vec();
+    truncated_ip.truncate(26);
+    let mut ihl_4 = good.clone();
+    ihl_4[14] = 0x44;
+    let mut version_6_in_ipv4 = good.clone();
+    version_6_in_ipv4[14] = 0x65;
+    let truncated_tcp = good[..14 + 20 + 10].to_vec();
+    let mut tcp_doff_4 = good.clone();
+    tcp_doff_4[14 + 20 + 12] = 4 << 4;
+    let udp_trunc = Frame::udp(CLIENT, (VIP, UDP_PORT)).build()[..14 + 20 + 4].to_vec();
+    let mut first_fragment = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN);
+    first_fragment.frag_off = 0x2000; // MF
+    let mut later_fragment = Frame::other(CLIENT.0, VIP, IPPROTO_UDP);
+    later_fragment.frag_off = 0x0010; // offset 128 bytes, no L4 header
+    let mut fragment_elsewhere = Frame::udp(CLIENT, (BACKENDS[0], UDP_TARGET));
+    fragment_elsewhere.frag_off = 0x2000;
+    let icmp_to_vip = Frame::other(CLIENT.0, VIP, 1).build();
+    let icmp_elsewhere = Frame::other(CLIENT.0, BACKENDS[0], 1).build();
+    let mut arp = good[..14].to_vec();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    let mut ipv6 = good.clone();
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+
+    let table: Vec<(&str, Vec<u8>, u32, Reason)> = vec![
+        ("IPv4 header cut at 12 bytes", truncated_ip, TC_ACT_SHOT, Reason::DropMalformedIp),
+        ("IHL 4", ihl_4, TC_ACT_SHOT, Reason::DropMalformedIp),
+        ("version 6 in an IPv4 frame", version_6_in_ipv4, TC_ACT_SHOT, Reason::DropMalformedIp),
+        ("TCP header cut at 10 bytes", truncated_tcp, TC_ACT_SHOT, Reason::DropMalformedL4),
+        ("TCP data offset 4", tcp_doff_4, TC_ACT_SHOT, Reason::DropMalformedL4),
+        ("UDP header cut at 4 bytes", udp_trunc, TC_ACT_SHOT, Reason::DropMalformedL4),
+        ("first fragment to a VIP", first_fragment.build(), TC_ACT_SHOT, Reason::DropFragment),
+        ("later fragment to a VIP", later_fragment.build(), TC_ACT_SHOT, Reason::DropFragment),
+        ("fragment to a pod", fragment_elsewhere.build(), TC_ACT_OK, Reason::PassFragment),
+        ("ICMP to a VIP", icmp_to_vip, TC_ACT_SHOT, Reason::DropUnsupportedProto),
+        ("ICMP to a pod", icmp_elsewhere, TC_ACT_OK, Reason::PassNotService),
+        ("ARP", arp, TC_ACT_OK, Reason::PassNotIpv4),
+        ("IPv6", ipv6, TC_ACT_OK, Reason::PassNotIpv4),
+    ];
+    for (name, frame, action, reason) in table {
+        let before = count(&mut dp, reason);
+        let out = run_once(&dp, &frame);
+        assert_eq!(out.action, action, "{name}: action");
+        assert_eq!(count(&mut dp, reason), before + 1, "{name}: counted under {}", reason.name());
+        assert_eq!(out.frame, frame, "{name}: the packet was modified");
+    }
+    assert_eq!(count(&mut dp, Reason::NatNew), 0, "a malformed packet created a flow");
+}
