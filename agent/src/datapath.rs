@@ -59,7 +59,8 @@ impl Datapath {
     pub fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self, DatapathError> {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let prog = from_pod_mut(&mut ebpf)?;
-        prog.load().map_err(|source| DatapathError::Program { name: names::PROG_FROM_POD, source })?;
+        prog.load()
+            .map_err(|source| DatapathError::Program { name: names::PROG_FROM_POD, source })?;
         let maps = Maps {
             services: take_map(&mut ebpf, names::SERVICES_V4)?,
             slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,

@@ -1,7 +1,49 @@
 //! Diff desired frontends against what was written and emit ordered map operations.
 //!
-//! (The ordering rules, the id allocator and the fake writer are filled in below.)
-use nodeplane_common::maps::{BackendV4, ServiceKeyV4, ServiceValue, SlotKey};
+//! The [`Syncer`] remembers exactly what it has written (updated after every successful
+//! op, so after a failed write it still equals the maps and the next call retries), hands
+//! out stable ids, and plans the writes that turn the maps into the [`Desired`] state.
+//!
+//! # Ids
+//!
+//! * One service id per frontend key, kept while the frontend exists.
+//! * One backend id per distinct [`BackendV4`], shared by every frontend that uses it.
+//! * An id is in use while any map entry mentions it (the service entry or its slots; the
+//!   backend entry or a slot pointing at it). Ids freed while applying one plan become
+//!   reusable only in a later plan, so a plan never reuses an id it is still retiring.
+//! * Free ids are reused lowest first, so ids stay dense instead of growing forever.
+//!
+//! # Order of writes
+//!
+//! Every prefix of a plan leaves the maps consistent: every frontend entry's slots
+//! `0..backend_count` exist and name existing backends, and its VIP has a marker. A packet
+//! may see a mix of old and new slots while a frontend changes, never a dangling one.
+//!
+//! 1. Removed frontends: `DelService`, then their slots (and any orphaned slots).
+//! 2. New VIP markers: `PutService` with [`SVC_F_VIP_MARKER`].
+//! 3. New backends: `PutBackend`.
+//! 4. Each new or changed frontend: `PutSlot` for changed slots `0..new_count`, then
+//!    `PutService` with the new count, then `DelSlot` for `new_count..old_count`.
+//! 5. Backends no longer referenced: `DelBackend`.
+//! 6. VIP markers of VIPs without frontends: `DelService`.
+//!
+//! Unchanged frontends produce no ops, so planning the same desired state twice yields an
+//! empty plan.
+//!
+//! # Capacity
+//!
+//! The maps are fixed-size hash maps. Before planning, frontends are admitted in key order
+//! while the *peak* usage of the plan (old entries are deleted only at steps 5 and 6) fits
+//! [`Capacity`]; the first frontend that does not fit and all after it are left out (with
+//! a warning), so no write ever hits a full map.
+use std::collections::{BTreeMap, BTreeSet};
+
+use nodeplane_common::maps::{
+    BackendV4, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue,
+    SlotKey,
+};
+
+use crate::desired::{Desired, Frontend, describe};
 
 /// One write to the datapath maps. A plan is a `Vec<Op>` whose every prefix leaves the
 /// maps consistent: every `backend_count` of a service has its slots, every slot names an
@@ -26,4 +68,923 @@ pub trait MapWriter {
 pub struct WriteError {
     pub op: Op,
     pub reason: String,
+}
+
+/// Sizes of the service maps, as created by the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Frontends plus VIP markers.
+    pub services: u32,
+    pub slots: u32,
+    pub backends: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self { services: MAX_SERVICES, slots: MAX_SLOTS, backends: MAX_BACKENDS }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Ops written by this call.
+    pub ops: usize,
+    /// Frontends (not VIP markers) in the maps afterwards.
+    pub services: usize,
+    /// Backends in the maps afterwards.
+    pub backends: usize,
+    /// Desired frontends left out for lack of capacity.
+    pub skipped: usize,
+}
+
+/// The value of every VIP marker entry.
+pub const VIP_MARKER_VALUE: ServiceValue =
+    ServiceValue { service_id: 0, backend_count: 0, flags: SVC_F_VIP_MARKER, _reserved: 0 };
+
+/// Plans and applies the service maps; see the module docs.
+#[derive(Debug, Default)]
+pub struct Syncer {
+    realized: Realized,
+    capacity: Capacity,
+    /// Frontends left out for capacity by the last apply, so the warning is logged once.
+    capacity_skipped: BTreeSet<ServiceKeyV4>,
+}
+
+impl Syncer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_capacity(capacity: Capacity) -> Self {
+        Self { capacity, ..Self::default() }
+    }
+
+    /// The ops that would turn what was written into `desired`, in a safe order. Pure: the
+    /// realized state only changes in [`Syncer::apply`].
+    pub fn plan(&self, desired: &Desired) -> Vec<Op> {
+        self.plan_selection(&self.select(desired))
+    }
+
+    /// Plans and writes, recording every successful op. On error the realized state still
+    /// matches the maps; calling again retries what is left.
+    pub fn apply(
+        &mut self,
+        desired: &Desired,
+        w: &mut impl MapWriter,
+    ) -> Result<SyncStats, WriteError> {
+        let selection = self.select(desired);
+        self.log_capacity_skips(desired, &selection.skipped);
+        let skipped = selection.skipped.len();
+        let ops = self.plan_selection(&selection);
+        for op in &ops {
+            w.apply(op)?;
+            self.realized.record(op);
+        }
+        Ok(SyncStats {
+            ops: ops.len(),
+            services: self.realized.services.keys().filter(|k| !k.is_vip_marker()).count(),
+            backends: self.realized.backends.len(),
+            skipped,
+        })
+    }
+
+    fn log_capacity_skips(&mut self, desired: &Desired, skipped: &[ServiceKeyV4]) {
+        let now: BTreeSet<ServiceKeyV4> = skipped.iter().copied().collect();
+        for key in now.difference(&self.capacity_skipped) {
+            let service =
+                desired.frontends.get(key).map(|f| f.service.to_string()).unwrap_or_default();
+            tracing::warn!(
+                service = %service,
+                frontend = %describe(key),
+                "service maps full: frontend not programmed",
+            );
+        }
+        if now.is_empty() && !self.capacity_skipped.is_empty() {
+            tracing::info!("service maps have room again: every frontend is programmed");
+        }
+        self.capacity_skipped = now;
+    }
+
+    /// Admits frontends in key order while the plan's peak usage fits, and assigns ids.
+    fn select<'d>(&self, desired: &'d Desired) -> Selection<'d> {
+        let r = &self.realized;
+        let cap = self.capacity;
+        let mut service_ids = r.service_ids.fresh();
+        let mut backend_ids = r.backend_ids.fresh();
+        let mut sel = Selection::default();
+        // Peak usage: realized entries that are only deleted late stay counted.
+        let mut vips: BTreeSet<[u8; 4]> =
+            r.services.keys().filter(|k| k.is_vip_marker()).map(|k| k.addr).collect();
+        let mut frontends = 0u64;
+        let mut slots = 0u64;
+
+        let mut candidates = desired.frontends.iter();
+        for (key, frontend) in candidates.by_ref() {
+            if key.is_vip_marker() {
+                // Port 0 never passes the index; a marker key is not a frontend.
+                sel.skipped.push(*key);
+                continue;
+            }
+            let existing_id = r.services.get(key).map(|v| v.service_id);
+            let frontend_slots =
+                existing_id.map_or(0, |id| r.slot_count(id)).max(frontend.backends.len());
+            let mut new_backends: Vec<BackendV4> = Vec::new();
+            for b in &frontend.backends {
+                if !r.backend_by_value.contains_key(b)
+                    && !sel.backend_id.contains_key(b)
+                    && !new_backends.contains(b)
+                {
+                    new_backends.push(*b);
+                }
+            }
+            let services_peak =
+                frontends + 1 + vips.len() as u64 + u64::from(!vips.contains(&key.addr));
+            let backends_peak =
+                (r.backends.len() + sel.new_backends.len() + new_backends.len()) as u64;
+            let fits = services_peak <= u64::from(cap.services)
+                && slots + frontend_slots as u64 <= u64::from(cap.slots)
+                && backends_peak <= u64::from(cap.backends);
+            if !fits {
+                sel.skipped.push(*key);
+                break;
+            }
+            // Ids cannot run out below the capacities, but do not trust that with an unwrap.
+            let id = existing_id.or_else(|| service_ids.next());
+            let fresh: Option<Vec<(u32, BackendV4)>> =
+                new_backends.iter().map(|b| backend_ids.next().map(|id| (id, *b))).collect();
+            let (Some(id), Some(fresh)) = (id, fresh) else {
+                sel.skipped.push(*key);
+                break;
+            };
+            for (bid, b) in fresh {
+                sel.backend_id.insert(b, bid);
+                sel.new_backends.push((bid, b));
+            }
+            for b in &frontend.backends {
+                if let Some(bid) = r.backend_by_value.get(b) {
+                    sel.backend_id.entry(*b).or_insert(*bid);
+                }
+            }
+            frontends += 1;
+            vips.insert(key.addr);
+            slots += frontend_slots as u64;
+            sel.frontends.push((*key, id, frontend));
+        }
+        // The first frontend that did not fit pushes out every later one.
+        sel.skipped.extend(candidates.map(|(k, _)| *k));
+        sel
+    }
+
+    fn plan_selection(&self, sel: &Selection<'_>) -> Vec<Op> {
+        let r = &self.realized;
+        let mut ops = Vec::new();
+        let keep: BTreeSet<&ServiceKeyV4> = sel.frontends.iter().map(|(k, _, _)| k).collect();
+        let vips: BTreeSet<[u8; 4]> = sel.frontends.iter().map(|(k, _, _)| k.addr).collect();
+
+        // 1. Removed frontends, then their slots; then slots no frontend owns (left by a
+        //    write that failed between a DelService and its DelSlots).
+        let mut owned: BTreeSet<u32> = BTreeSet::new();
+        for (key, value) in r.services.iter().filter(|(k, _)| !k.is_vip_marker()) {
+            owned.insert(value.service_id);
+            if !keep.contains(key) {
+                ops.push(Op::DelService { key: *key });
+                ops.extend(r.slots_of(value.service_id).map(|key| Op::DelSlot { key }));
+            }
+        }
+        ops.extend(
+            r.slots
+                .keys()
+                .filter(|k| !owned.contains(&k.service_id))
+                .map(|key| Op::DelSlot { key: *key }),
+        );
+
+        // 2. Markers for new VIPs, before their first frontend.
+        for vip in &vips {
+            let key = ServiceKeyV4::vip_marker(*vip);
+            if r.services.get(&key) != Some(&VIP_MARKER_VALUE) {
+                ops.push(Op::PutService { key, value: VIP_MARKER_VALUE });
+            }
+        }
+
+        // 3. New backends, before any slot names them.
+        ops.extend(
+            sel.new_backends
+                .iter()
+                .map(|(id, backend)| Op::PutBackend { id: *id, backend: *backend }),
+        );
+
+        // 4. New and changed frontends: slots, count, surplus slots.
+        for (key, id, frontend) in &sel.frontends {
+            let count = frontend.backends.len() as u32;
+            for (slot, backend) in (0..).zip(&frontend.backends) {
+                let Some(backend_id) = sel.backend_id.get(backend).copied() else {
+                    continue; // unreachable: select assigned every backend an id
+                };
+                let key = SlotKey { service_id: *id, slot };
+                if r.slots.get(&key) != Some(&backend_id) {
+                    ops.push(Op::PutSlot { key, backend_id });
+                }
+            }
+            let value =
+                ServiceValue { service_id: *id, backend_count: count, flags: 0, _reserved: 0 };
+            if r.services.get(key) != Some(&value) {
+                ops.push(Op::PutService { key: *key, value });
+            }
+            ops.extend(r.slots_of(*id).filter(|k| k.slot >= count).map(|key| Op::DelSlot { key }));
+        }
+
+        // 5. Backends nothing points at any more.
+        for (id, backend) in &r.backends {
+            if sel.backend_id.get(backend) != Some(id) {
+                ops.push(Op::DelBackend { id: *id });
+            }
+        }
+
+        // 6. Markers of VIPs that lost their last frontend.
+        for key in r.services.keys().filter(|k| k.is_vip_marker() && !vips.contains(&k.addr)) {
+            ops.push(Op::DelService { key: *key });
+        }
+        ops
+    }
+}
+
+/// The frontends a plan programs, with their ids.
+#[derive(Debug, Default)]
+struct Selection<'d> {
+    frontends: Vec<(ServiceKeyV4, u32, &'d Frontend)>,
+    /// Id of every backend the selected frontends use.
+    backend_id: BTreeMap<BackendV4, u32>,
+    /// Backends not in the maps yet, with fresh ids.
+    new_backends: Vec<(u32, BackendV4)>,
+    /// Left out for capacity, in key order.
+    skipped: Vec<ServiceKeyV4>,
+}
+
+/// What has been written, op by op, plus the id bookkeeping derived from it.
+#[derive(Debug, Default)]
+struct Realized {
+    services: BTreeMap<ServiceKeyV4, ServiceValue>,
+    slots: BTreeMap<SlotKey, u32>,
+    backends: BTreeMap<u32, BackendV4>,
+    backend_by_value: BTreeMap<BackendV4, u32>,
+    service_ids: Ids,
+    backend_ids: Ids,
+}
+
+impl Realized {
+    fn slots_of(&self, service_id: u32) -> impl Iterator<Item = SlotKey> + '_ {
+        let from = SlotKey { service_id, slot: 0 };
+        let to = SlotKey { service_id, slot: u32::MAX };
+        self.slots.range(from..=to).map(|(k, _)| *k)
+    }
+
+    fn slot_count(&self, service_id: u32) -> usize {
+        self.slots_of(service_id).count()
+    }
+
+    /// Mirrors one successful write, keeping id reference counts.
+    fn record(&mut self, op: &Op) {
+        match op {
+            Op::PutBackend { id, backend } => {
+                match self.backends.insert(*id, *backend) {
+                    Some(old) => {
+                        if self.backend_by_value.get(&old) == Some(id) {
+                            self.backend_by_value.remove(&old);
+                        }
+                    }
+                    None => self.backend_ids.acquire(*id),
+                }
+                self.backend_by_value.entry(*backend).or_insert(*id);
+            }
+            Op::DelBackend { id } => {
+                if let Some(old) = self.backends.remove(id) {
+                    self.backend_ids.release(*id);
+                    if self.backend_by_value.get(&old) == Some(id) {
+                        self.backend_by_value.remove(&old);
+                    }
+                }
+            }
+            Op::PutSlot { key, backend_id } => {
+                match self.slots.insert(*key, *backend_id) {
+                    Some(old) => self.backend_ids.release(old),
+                    None => self.service_ids.acquire(key.service_id),
+                }
+                self.backend_ids.acquire(*backend_id);
+            }
+            Op::DelSlot { key } => {
+                if let Some(old) = self.slots.remove(key) {
+                    self.service_ids.release(key.service_id);
+                    self.backend_ids.release(old);
+                }
+            }
+            Op::PutService { key, value } => {
+                if let Some(old) = self.services.insert(*key, *value) {
+                    self.service_ids.release(old.service_id);
+                }
+                self.service_ids.acquire(value.service_id);
+            }
+            Op::DelService { key } => {
+                if let Some(old) = self.services.remove(key) {
+                    self.service_ids.release(old.service_id);
+                }
+            }
+        }
+    }
+}
+
+/// A reference-counted id allocator: ids start at 1 (0 means "none" in the maps), an id
+/// with no references is free, and the lowest free id is handed out first.
+#[derive(Clone, Debug)]
+struct Ids {
+    refs: BTreeMap<u32, u32>,
+    /// Free ids below `next`.
+    free: BTreeSet<u32>,
+    /// Every id from here on is free.
+    next: u64,
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Self { refs: BTreeMap::new(), free: BTreeSet::new(), next: 1 }
+    }
+}
+
+impl Ids {
+    fn acquire(&mut self, id: u32) {
+        if id == 0 {
+            return;
+        }
+        let refs = self.refs.entry(id).or_insert(0);
+        *refs += 1;
+        if *refs > 1 {
+            return;
+        }
+        let id64 = u64::from(id);
+        if id64 >= self.next {
+            self.free.extend((self.next..id64).filter_map(|i| u32::try_from(i).ok()));
+            self.next = id64 + 1;
+        } else {
+            self.free.remove(&id);
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        let Some(refs) = self.refs.get_mut(&id) else {
+            return;
+        };
+        *refs -= 1;
+        if *refs > 0 {
+            return;
+        }
+        self.refs.remove(&id);
+        self.free.insert(id);
+        // Keep `free` small: give the top of the range back to `next`.
+        while let Some(last) = self.free.last().copied() {
+            if u64::from(last) + 1 != self.next {
+                break;
+            }
+            self.free.remove(&last);
+            self.next -= 1;
+        }
+    }
+
+    /// Ids free right now, lowest first. Not consumed: a plan takes from it without
+    /// changing the allocator, which only learns about ids as writes succeed.
+    fn fresh(&self) -> impl Iterator<Item = u32> + '_ {
+        let top = (self.next..=u64::from(u32::MAX)).filter_map(|i| u32::try_from(i).ok());
+        self.free.iter().copied().chain(top)
+    }
+}
+
+/// The service maps in memory, for tests here and elsewhere.
+///
+/// Behaves like the kernel maps where it matters: inserting a new key into a full map
+/// fails, deleting a missing key fails.
+#[derive(Clone, Debug, Default)]
+pub struct FakeMaps {
+    pub services: BTreeMap<ServiceKeyV4, ServiceValue>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    pub backends: BTreeMap<u32, BackendV4>,
+    /// Inject one failure: the write after this many successful writes (counted in
+    /// `writes`) fails, and the knob resets to `None`.
+    pub fail_after: Option<usize>,
+    pub capacity: Capacity,
+    /// Successful writes so far.
+    pub writes: usize,
+}
+
+impl FakeMaps {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every frontend entry's slots `0..backend_count` exist and name existing backends;
+    /// frontend ids are unique; every frontend's VIP has a marker; markers look like one.
+    pub fn check_consistent(&self) -> Result<(), String> {
+        let mut ids: BTreeMap<u32, &ServiceKeyV4> = BTreeMap::new();
+        for (key, value) in &self.services {
+            if key.is_vip_marker() {
+                if *value != VIP_MARKER_VALUE {
+                    return Err(format!("marker {key:?} has value {value:?}"));
+                }
+                continue;
+            }
+            if value.service_id == 0 || value.flags & SVC_F_VIP_MARKER != 0 {
+                return Err(format!("frontend {key:?} has value {value:?}"));
+            }
+            if let Some(other) = ids.insert(value.service_id, key) {
+                return Err(format!("{key:?} and {other:?} share service id {}", value.service_id));
+            }
+            if !self.services.contains_key(&ServiceKeyV4::vip_marker(key.addr)) {
+                return Err(format!("frontend {key:?} has no VIP marker"));
+            }
+            for slot in 0..value.backend_count {
+                let slot_key = SlotKey { service_id: value.service_id, slot };
+                let Some(backend_id) = self.slots.get(&slot_key) else {
+                    return Err(format!(
+                        "frontend {key:?} count {} but no {slot_key:?}",
+                        value.backend_count
+                    ));
+                };
+                if !self.backends.contains_key(backend_id) {
+                    return Err(format!(
+                        "{slot_key:?} of {key:?} names missing backend {backend_id}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every frontend with its backends resolved through the slots (missing ones left out).
+    pub fn frontends(&self) -> BTreeMap<ServiceKeyV4, Vec<BackendV4>> {
+        self.services
+            .iter()
+            .filter(|(k, _)| !k.is_vip_marker())
+            .map(|(k, v)| {
+                let backends = (0..v.backend_count)
+                    .filter_map(|slot| self.slots.get(&SlotKey { service_id: v.service_id, slot }))
+                    .filter_map(|id| self.backends.get(id).copied())
+                    .collect();
+                (*k, backends)
+            })
+            .collect()
+    }
+
+    /// The maps hold exactly what `desired` implies, and nothing else (ids aside).
+    pub fn check_matches(&self, desired: &Desired) -> Result<(), String> {
+        self.check_consistent()?;
+        let want: BTreeMap<ServiceKeyV4, Vec<BackendV4>> =
+            desired.frontends.iter().map(|(k, f)| (*k, f.backends.clone())).collect();
+        let got = self.frontends();
+        if got != want {
+            return Err(format!("frontends differ:\n got  {got:?}\n want {want:?}"));
+        }
+        let want_vips: BTreeSet<[u8; 4]> = want.keys().map(|k| k.addr).collect();
+        let got_vips: BTreeSet<[u8; 4]> =
+            self.services.keys().filter(|k| k.is_vip_marker()).map(|k| k.addr).collect();
+        if got_vips != want_vips {
+            return Err(format!("VIP markers differ: got {got_vips:?}, want {want_vips:?}"));
+        }
+        let want_slots: usize = want.values().map(Vec::len).sum();
+        if self.slots.len() != want_slots {
+            return Err(format!("{} slots, want {want_slots}", self.slots.len()));
+        }
+        let want_backends: BTreeSet<&BackendV4> = want.values().flatten().collect();
+        let got_backends: Vec<&BackendV4> = self.backends.values().collect();
+        if got_backends.len() != want_backends.len()
+            || got_backends.iter().any(|b| !want_backends.contains(b))
+        {
+            return Err(format!("backends {got_backends:?}, want {want_backends:?}"));
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, op: &Op) -> Result<(), String> {
+        fn full(len: usize, cap: u32) -> Result<(), String> {
+            if len >= cap as usize { Err(format!("map full ({cap} entries)")) } else { Ok(()) }
+        }
+        fn missing<T>(removed: Option<T>) -> Result<(), String> {
+            removed.map(|_| ()).ok_or_else(|| "no such key".to_string())
+        }
+        match op {
+            Op::PutBackend { id, backend } => {
+                if !self.backends.contains_key(id) {
+                    full(self.backends.len(), self.capacity.backends)?;
+                }
+                self.backends.insert(*id, *backend);
+            }
+            Op::PutSlot { key, backend_id } => {
+                if !self.slots.contains_key(key) {
+                    full(self.slots.len(), self.capacity.slots)?;
+                }
+                self.slots.insert(*key, *backend_id);
+            }
+            Op::PutService { key, value } => {
+                if !self.services.contains_key(key) {
+                    full(self.services.len(), self.capacity.services)?;
+                }
+                self.services.insert(*key, *value);
+            }
+            Op::DelService { key } => missing(self.services.remove(key))?,
+            Op::DelSlot { key } => missing(self.slots.remove(key))?,
+            Op::DelBackend { id } => missing(self.backends.remove(id))?,
+        }
+        Ok(())
+    }
+}
+
+impl MapWriter for FakeMaps {
+    fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
+        if let Some(n) = self.fail_after
+            && self.writes >= n
+        {
+            self.fail_after = None;
+            return Err(WriteError { op: op.clone(), reason: "injected failure".to_string() });
+        }
+        self.write(op).map_err(|reason| WriteError { op: op.clone(), reason })?;
+        self.writes += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nodeplane_common::maps::{IPPROTO_TCP, IPPROTO_UDP};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::source::ObjectKey;
+
+    fn fe(vip: u8, port: u16) -> ServiceKeyV4 {
+        ServiceKeyV4::new([10, 96, 0, vip], port, IPPROTO_TCP)
+    }
+
+    fn be(host: u8) -> BackendV4 {
+        BackendV4::new([10, 0, 0, host], 8080, IPPROTO_TCP)
+    }
+
+    /// A desired state from `(vip, port, backend hosts)`.
+    fn desired(frontends: &[(u8, u16, &[u8])]) -> Desired {
+        let frontends = frontends
+            .iter()
+            .map(|(vip, port, hosts)| {
+                let mut backends: Vec<_> = hosts.iter().map(|h| be(*h)).collect();
+                backends.sort();
+                backends.dedup();
+                let frontend = Frontend {
+                    service: ObjectKey::namespaced("default", format!("svc{vip}")),
+                    port_name: String::new(),
+                    backends,
+                };
+                (fe(*vip, *port), frontend)
+            })
+            .collect();
+        Desired { frontends, skipped: Vec::new() }
+    }
+
+    /// Applies the ops of `apply` and checks the maps after every single one.
+    struct Checked<'a>(&'a mut FakeMaps);
+
+    impl MapWriter for Checked<'_> {
+        fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
+            self.0.apply(op)?;
+            if let Err(e) = self.0.check_consistent() {
+                panic!("inconsistent after {op:?}: {e}\n{:?}", self.0);
+            }
+            Ok(())
+        }
+    }
+
+    fn sync(syncer: &mut Syncer, maps: &mut FakeMaps, d: &Desired) -> SyncStats {
+        let stats = syncer.apply(d, &mut Checked(maps)).expect("apply");
+        maps.check_matches(d).expect("maps match desired");
+        assert_realized_is_maps(syncer, maps);
+        stats
+    }
+
+    fn assert_realized_is_maps(syncer: &Syncer, maps: &FakeMaps) {
+        assert_eq!(syncer.realized.services, maps.services);
+        assert_eq!(syncer.realized.slots, maps.slots);
+        assert_eq!(syncer.realized.backends, maps.backends);
+    }
+
+    fn service_id(maps: &FakeMaps, key: ServiceKeyV4) -> u32 {
+        maps.services.get(&key).expect("frontend in maps").service_id
+    }
+
+    fn backend_id(maps: &FakeMaps, b: BackendV4) -> u32 {
+        maps.backends.iter().find(|(_, v)| **v == b).map(|(id, _)| *id).expect("backend in maps")
+    }
+
+    /// Op kinds in order, for asserting the ordering rules.
+    fn shape(ops: &[Op]) -> Vec<&'static str> {
+        ops.iter()
+            .map(|op| match op {
+                Op::PutBackend { .. } => "PutBackend",
+                Op::PutSlot { .. } => "PutSlot",
+                Op::PutService { key, .. } if key.is_vip_marker() => "PutMarker",
+                Op::PutService { .. } => "PutService",
+                Op::DelService { key } if key.is_vip_marker() => "DelMarker",
+                Op::DelService { .. } => "DelService",
+                Op::DelSlot { .. } => "DelSlot",
+                Op::DelBackend { .. } => "DelBackend",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn add_writes_marker_backends_slots_then_service() {
+        let syncer = Syncer::new();
+        let ops = syncer.plan(&desired(&[(1, 80, &[2, 1])]));
+        assert_eq!(
+            shape(&ops),
+            ["PutMarker", "PutBackend", "PutBackend", "PutSlot", "PutSlot", "PutService"]
+        );
+        assert_eq!(ops[1], Op::PutBackend { id: 1, backend: be(1) }, "sorted, ids from 1");
+        assert_eq!(
+            ops[5],
+            Op::PutService {
+                key: fe(1, 80),
+                value: ServiceValue { service_id: 1, backend_count: 2, flags: 0, _reserved: 0 }
+            }
+        );
+    }
+
+    #[test]
+    fn second_plan_is_empty() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        let d = desired(&[(1, 80, &[1, 2]), (1, 443, &[2, 3]), (2, 53, &[])]);
+        let stats = sync(&mut syncer, &mut maps, &d);
+        assert_eq!(stats.services, 3);
+        assert_eq!(stats.backends, 3, "backend 2 is shared");
+        assert!(syncer.plan(&d).is_empty());
+        assert_eq!(sync(&mut syncer, &mut maps, &d).ops, 0);
+    }
+
+    #[test]
+    fn grow_writes_slots_before_count() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1])]));
+        let ops = syncer.plan(&desired(&[(1, 80, &[1, 2, 3])]));
+        assert_eq!(shape(&ops), ["PutBackend", "PutBackend", "PutSlot", "PutSlot", "PutService"]);
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1, 2, 3])]));
+    }
+
+    #[test]
+    fn shrink_writes_count_before_dropping_slots_and_backends() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1, 2, 3])]));
+        let ops = syncer.plan(&desired(&[(1, 80, &[1])]));
+        assert_eq!(shape(&ops), ["PutService", "DelSlot", "DelSlot", "DelBackend", "DelBackend"]);
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1])]));
+    }
+
+    #[test]
+    fn change_rewrites_only_changed_slots() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1, 2])]));
+        let ops = syncer.plan(&desired(&[(1, 80, &[1, 3])]));
+        assert_eq!(shape(&ops), ["PutBackend", "PutSlot", "DelBackend"], "{ops:?}");
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1, 3])]));
+    }
+
+    #[test]
+    fn remove_deletes_service_then_slots_then_backends_then_marker() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1, 2]), (2, 80, &[3])]));
+        let ops = syncer.plan(&desired(&[(2, 80, &[3])]));
+        assert_eq!(
+            shape(&ops),
+            ["DelService", "DelSlot", "DelSlot", "DelBackend", "DelBackend", "DelMarker"]
+        );
+        sync(&mut syncer, &mut maps, &desired(&[(2, 80, &[3])]));
+        sync(&mut syncer, &mut maps, &Desired::default());
+        assert!(maps.services.is_empty() && maps.slots.is_empty() && maps.backends.is_empty());
+    }
+
+    #[test]
+    fn marker_stays_while_any_frontend_uses_the_vip() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1]), (1, 443, &[1])]));
+        let ops = syncer.plan(&desired(&[(1, 443, &[1])]));
+        assert_eq!(shape(&ops), ["DelService", "DelSlot"]);
+        sync(&mut syncer, &mut maps, &desired(&[(1, 443, &[1])]));
+        assert_eq!(
+            maps.services.get(&ServiceKeyV4::vip_marker([10, 96, 0, 1])),
+            Some(&VIP_MARKER_VALUE)
+        );
+    }
+
+    #[test]
+    fn ids_are_stable_while_things_exist() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[5]), (2, 80, &[6])]));
+        let (svc2, be6) = (service_id(&maps, fe(2, 80)), backend_id(&maps, be(6)));
+        // Removing an earlier frontend and backend does not renumber the others.
+        sync(&mut syncer, &mut maps, &desired(&[(2, 80, &[6, 7])]));
+        assert_eq!(service_id(&maps, fe(2, 80)), svc2);
+        assert_eq!(backend_id(&maps, be(6)), be6);
+    }
+
+    #[test]
+    fn freed_ids_are_reused_only_by_a_later_plan() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1]), (2, 80, &[2])]));
+        assert_eq!(service_id(&maps, fe(1, 80)), 1);
+        assert_eq!(backend_id(&maps, be(1)), 1);
+
+        // Same plan retires frontend 1 / backend 1 and adds new ones: no id 1 for them.
+        let d = desired(&[(2, 80, &[2]), (3, 80, &[3])]);
+        let ops = syncer.plan(&d);
+        assert!(ops.contains(&Op::PutBackend { id: 3, backend: be(3) }), "{ops:?}");
+        sync(&mut syncer, &mut maps, &d);
+        assert_eq!(service_id(&maps, fe(3, 80)), 3);
+
+        // The next plan reuses the lowest freed ids.
+        sync(&mut syncer, &mut maps, &desired(&[(2, 80, &[2]), (3, 80, &[3]), (4, 80, &[4])]));
+        assert_eq!(service_id(&maps, fe(4, 80)), 1);
+        assert_eq!(backend_id(&maps, be(4)), 1);
+    }
+
+    #[test]
+    fn ids_do_not_grow_forever() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        for round in 0..50u8 {
+            let host = round % 7;
+            sync(&mut syncer, &mut maps, &desired(&[(round % 3, 80, &[host, host + 1])]));
+            sync(&mut syncer, &mut maps, &Desired::default());
+        }
+        sync(&mut syncer, &mut maps, &desired(&[(9, 80, &[1, 2])]));
+        assert_eq!(service_id(&maps, fe(9, 80)), 1);
+        assert_eq!(maps.backends.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn failure_mid_plan_leaves_realized_equal_to_maps_and_retry_converges() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1, 2, 3])]));
+        let d = desired(&[(2, 80, &[4, 5])]);
+        maps.fail_after = Some(maps.writes + 4);
+        let err = syncer.apply(&d, &mut Checked(&mut maps)).expect_err("injected");
+        assert_eq!(err.reason, "injected failure");
+        assert_realized_is_maps(&syncer, &maps);
+        let stats = sync(&mut syncer, &mut maps, &d);
+        assert!(stats.ops > 0);
+        assert!(syncer.plan(&d).is_empty());
+    }
+
+    #[test]
+    fn orphaned_slots_are_cleaned_up() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1, 2])]));
+        // Fail right after the DelService: its slots are left behind.
+        maps.fail_after = Some(maps.writes + 1);
+        assert!(syncer.apply(&Desired::default(), &mut Checked(&mut maps)).is_err());
+        assert_eq!(maps.slots.len(), 2);
+        // A new frontend must not inherit id 1 while its old slots exist.
+        let d = desired(&[(2, 80, &[3])]);
+        let ops = syncer.plan(&d);
+        assert!(
+            ops.iter()
+                .all(|op| !matches!(op, Op::PutService { value, .. } if value.service_id == 1)),
+            "{ops:?}"
+        );
+        sync(&mut syncer, &mut maps, &d);
+    }
+
+    #[test]
+    fn capacity_skips_the_last_frontends() {
+        let cap = Capacity { services: 4, slots: 10, backends: 10 };
+        let mut syncer = Syncer::with_capacity(cap);
+        let mut maps = FakeMaps { capacity: cap, ..FakeMaps::new() };
+        // 3 frontends + 2 markers would need 5 entries.
+        let d = desired(&[(1, 80, &[1]), (1, 81, &[1]), (2, 80, &[2])]);
+        let stats = syncer.apply(&d, &mut Checked(&mut maps)).expect("never writes past capacity");
+        assert_eq!(stats.skipped, 1);
+        assert_eq!(
+            maps.frontends().keys().copied().collect::<Vec<_>>(),
+            vec![fe(1, 80), fe(1, 81)]
+        );
+        maps.check_matches(&desired(&[(1, 80, &[1]), (1, 81, &[1])])).expect("prefix programmed");
+    }
+
+    #[test]
+    fn fake_maps_enforce_capacity_and_reject_missing_deletes() {
+        let mut maps = FakeMaps {
+            capacity: Capacity { services: 1, slots: 1, backends: 1 },
+            ..FakeMaps::new()
+        };
+        maps.apply(&Op::PutBackend { id: 1, backend: be(1) }).expect("fits");
+        maps.apply(&Op::PutBackend { id: 1, backend: be(2) }).expect("overwrite fits");
+        assert!(maps.apply(&Op::PutBackend { id: 2, backend: be(2) }).is_err());
+        assert!(maps.apply(&Op::DelSlot { key: SlotKey { service_id: 1, slot: 0 } }).is_err());
+    }
+
+    #[test]
+    fn check_consistent_catches_count_without_slots() {
+        let mut maps = FakeMaps::new();
+        let marker = ServiceKeyV4::vip_marker([10, 96, 0, 1]);
+        maps.services.insert(marker, VIP_MARKER_VALUE);
+        maps.services.insert(
+            fe(1, 80),
+            ServiceValue { service_id: 1, backend_count: 1, flags: 0, _reserved: 0 },
+        );
+        assert!(maps.check_consistent().is_err());
+        maps.slots.insert(SlotKey { service_id: 1, slot: 0 }, 7);
+        assert!(maps.check_consistent().is_err(), "backend 7 missing");
+        maps.backends.insert(7, be(7));
+        maps.check_consistent().expect("consistent");
+        maps.services.remove(&marker);
+        assert!(maps.check_consistent().is_err(), "marker missing");
+    }
+
+    /// Small universes so states overlap a lot: 3 VIPs, 3 ports x 2 protocols, 12 backends.
+    fn arb_desired() -> impl Strategy<Value = Desired> {
+        let frontend_key = (0..3u8, prop::sample::select(vec![53u16, 80, 443]), any::<bool>());
+        let backends = prop::collection::vec((0..6u8, 0..2u16), 0..6);
+        prop::collection::btree_map(frontend_key, backends, 0..8).prop_map(|m| {
+            let frontends = m
+                .into_iter()
+                .map(|((vip, port, udp), hosts)| {
+                    let proto = if udp { IPPROTO_UDP } else { IPPROTO_TCP };
+                    let mut backends: Vec<_> = hosts
+                        .into_iter()
+                        .map(|(h, p)| BackendV4::new([10, 0, 0, h + 1], 8080 + p, proto))
+                        .collect();
+                    backends.sort();
+                    backends.dedup();
+                    let key = ServiceKeyV4::new([10, 96, 0, vip + 1], port, proto);
+                    let service = ObjectKey::namespaced("default", format!("svc{vip}"));
+                    (key, Frontend { service, port_name: String::new(), backends })
+                })
+                .collect();
+            Desired { frontends, skipped: Vec::new() }
+        })
+    }
+
+    proptest! {
+        /// Every op of every plan leaves the maps consistent, and each apply ends exactly in
+        /// the desired state with an empty follow-up plan.
+        #[test]
+        fn every_prefix_is_consistent(states in prop::collection::vec(arb_desired(), 1..8)) {
+            let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+            for d in &states {
+                let planned = syncer.plan(d).len();
+                let stats = syncer.apply(d, &mut Checked(&mut maps)).expect("apply");
+                prop_assert_eq!(stats.ops, planned);
+                prop_assert_eq!(maps.check_matches(d), Ok(()));
+                prop_assert!(syncer.plan(d).is_empty());
+            }
+            // Ids stay within what is needed at the peak of a plan.
+            prop_assert!(maps.services.values().all(|v| v.service_id <= 16));
+            prop_assert!(maps.backends.keys().all(|id| *id <= 24));
+        }
+
+        /// A write failing anywhere leaves realized == maps, and the next apply converges.
+        #[test]
+        fn converges_after_a_failed_write(
+            states in prop::collection::vec((arb_desired(), 0usize..40), 1..6),
+        ) {
+            let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+            for (d, fail_at) in &states {
+                maps.fail_after = Some(maps.writes + fail_at);
+                if syncer.apply(d, &mut Checked(&mut maps)).is_err() {
+                    prop_assert_eq!(&syncer.realized.services, &maps.services);
+                    prop_assert_eq!(&syncer.realized.slots, &maps.slots);
+                    prop_assert_eq!(&syncer.realized.backends, &maps.backends);
+                    syncer.apply(d, &mut Checked(&mut maps)).expect("retry");
+                }
+                maps.fail_after = None;
+                prop_assert_eq!(maps.check_matches(d), Ok(()));
+                prop_assert!(syncer.plan(d).is_empty());
+            }
+        }
+
+        /// With small maps, no write ever fails for lack of room, and what is programmed is
+        /// a key-order prefix of the desired frontends.
+        #[test]
+        fn never_writes_past_capacity(
+            states in prop::collection::vec(arb_desired(), 1..8),
+            services in 1u32..10,
+            slots in 0u32..12,
+            backends in 0u32..8,
+        ) {
+            let cap = Capacity { services, slots, backends };
+            let mut syncer = Syncer::with_capacity(cap);
+            let mut maps = FakeMaps { capacity: cap, ..FakeMaps::new() };
+            for d in &states {
+                let stats = syncer.apply(d, &mut Checked(&mut maps)).expect("no write past capacity");
+                let programmed: Vec<_> = maps.frontends().into_keys().collect();
+                let prefix: Vec<_> = d.frontends.keys().copied().take(programmed.len()).collect();
+                prop_assert_eq!(&programmed, &prefix);
+                prop_assert_eq!(programmed.len() + stats.skipped, d.frontends.len());
+                let kept = Desired {
+                    frontends: d.frontends.iter().take(programmed.len()).map(|(k, f)| (*k, f.clone())).collect(),
+                    skipped: Vec::new(),
+                };
+                prop_assert_eq!(maps.check_matches(&kept), Ok(()));
+            }
+        }
+    }
 }

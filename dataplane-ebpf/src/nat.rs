@@ -50,14 +50,16 @@ fn rewrite(
     };
     let err = |_| Reason::DropRewriteFailed;
     if old_addr != new_addr {
-        let (from, to) = (u64::from(u32::from_ne_bytes(old_addr)), u64::from(u32::from_ne_bytes(new_addr)));
+        let (from, to) =
+            (u64::from(u32::from_ne_bytes(old_addr)), u64::from(u32::from_ne_bytes(new_addr)));
         ctx.l4_csum_replace(csum_off, from, to, u64::from(BPF_F_PSEUDO_HDR) | l4_flags | 4)
             .map_err(err)?;
         ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4).map_err(err)?;
         ctx.store(addr_off, &new_addr, 0).map_err(err)?;
     }
     if old_port != new_port {
-        let (from, to) = (u64::from(u16::from_ne_bytes(old_port)), u64::from(u16::from_ne_bytes(new_port)));
+        let (from, to) =
+            (u64::from(u16::from_ne_bytes(old_port)), u64::from(u16::from_ne_bytes(new_port)));
         ctx.l4_csum_replace(csum_off, from, to, l4_flags | 2).map_err(err)?;
         ctx.store(port_off, &new_port, 0).map_err(err)?;
     }

@@ -4,7 +4,7 @@
 //! | packet                                         | verdict                    |
 //! |------------------------------------------------|----------------------------|
 //! | not IPv4 (ARP, IPv6)                           | pass (`pass-not-ipv4`)     |
-//! | Ethernet or IPv4 header truncated, version≠4, IHL < 5 | drop (`malformed-ip`) |
+//! | Ethernet or IPv4 header (with its options) truncated, version≠4, IHL < 5 | drop (`malformed-ip`) |
 //! | IPv4 options (IHL > 5)                         | parsed at the real IHL, handled normally |
 //! | fragment (MF set or offset ≠ 0) to a ClusterIP | drop (`fragment`): ports unknown, never translated |
 //! | fragment to anything else                      | pass (`pass-fragment`)     |
@@ -84,6 +84,10 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Reason> {
         return Err(Reason::DropMalformedIp);
     }
     let l4_off = ETH_HLEN + ihl * 4;
+    // The options the IHL announces must be there too.
+    if ptr_at::<u8>(ctx, l4_off - 1).is_none() {
+        return Err(Reason::DropMalformedIp);
+    }
     let proto = ip[9];
     let saddr = [ip[12], ip[13], ip[14], ip[15]];
     let daddr = [ip[16], ip[17], ip[18], ip[19]];

@@ -22,7 +22,7 @@ pub fn run_once(dp: &Datapath, frame: &[u8]) -> Outcome {
             data_out: Some(&mut out),
             ..TestRunOptions::default()
         })
-        .expect("BPF_PROG_TEST_RUN failed");
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {} bytes {frame:02x?}: {e}", frame.len()));
     out.truncate(result.data_size_out as usize);
     Outcome { action: result.return_value, frame: out }
 }

@@ -13,7 +13,9 @@ use nodeplane_agent::{
     datapath::Datapath,
     sync::{MapWriter, Op},
 };
-use nodeplane_common::maps::{BackendV4, IPPROTO_TCP, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey};
+use nodeplane_common::maps::{
+    BackendV4, IPPROTO_TCP, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey,
+};
 use nodeplane_tests::packet::{Frame, TCP_ACK, TCP_SYN};
 
 const SAMPLES: usize = 20_000;
@@ -41,7 +43,10 @@ fn populate(dp: &mut Datapath, services: u32, endpoints: u32) {
         let service_id = s + 1;
         for e in 0..endpoints {
             let id = s * endpoints + e + 1;
-            put(Op::PutBackend { id, backend: BackendV4::new(endpoint(id).octets(), 8080, IPPROTO_TCP) });
+            put(Op::PutBackend {
+                id,
+                backend: BackendV4::new(endpoint(id).octets(), 8080, IPPROTO_TCP),
+            });
             put(Op::PutSlot { key: SlotKey { service_id, slot: e }, backend_id: id });
         }
         put(Op::PutService {
@@ -54,7 +59,11 @@ fn populate(dp: &mut Datapath, services: u32, endpoints: u32) {
 fn run_ns(dp: &Datapath, frame: &[u8], out: &mut [u8]) -> u64 {
     let r = dp
         .program()
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(out), ..TestRunOptions::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(out),
+            ..TestRunOptions::default()
+        })
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
     r.duration.as_nanos() as u64
 }
@@ -103,8 +112,11 @@ fn measure_round(c: &mut Config, out: &mut [u8]) {
 fn main() {
     let mut out = vec![0u8; 256];
     let mut configs = Vec::new();
-    for (name, services, endpoints) in [("1 service x 10 endpoints", 1, 10), ("10,000 services x 10 endpoints", 10_000, 10)] {
-        let mut dp = Datapath::load().unwrap_or_else(|e| panic!("loading the datapath (root needed): {e}"));
+    for (name, services, endpoints) in
+        [("1 service x 10 endpoints", 1, 10), ("10,000 services x 10 endpoints", 10_000, 10)]
+    {
+        let mut dp =
+            Datapath::load().unwrap_or_else(|e| panic!("loading the datapath (root needed): {e}"));
         let t = Instant::now();
         populate(&mut dp, services, endpoints);
         eprintln!("populated {name} in {:?}", t.elapsed());
@@ -123,7 +135,9 @@ fn main() {
             measure_round(c, &mut out);
         }
     }
-    println!("\nfrom_pod per-packet cost, BPF_PROG_TEST_RUN, {SAMPLES} samples each (median / mean ns)");
+    println!(
+        "\nfrom_pod per-packet cost, BPF_PROG_TEST_RUN, {SAMPLES} samples each (median / mean ns)"
+    );
     println!("{:<32} {:>18} {:>18} {:>18}", "maps hold", "new flow", "established", "non-service");
     for c in &configs {
         println!(

@@ -1,0 +1,463 @@
+//! What the service maps should contain, computed from the index alone.
+//!
+//! A pure function so it can be tested with literals and re-run at will: the same index
+//! always gives the same, sorted [`Desired`]. Ids are not chosen here; [`sync`](crate::sync)
+//! assigns them when it diffs against what is written.
+//!
+//! The rules are kube-proxy's for EndpointSlices:
+//!
+//! 1. Every IPv4 ClusterIP x ServicePort of a Service is one frontend `(vip, port, proto)`.
+//! 2. Its backends come from the Service's slices (same namespace, `kubernetes.io/service-name`
+//!    label) whose port has the ServicePort's name and protocol; the backend port is the
+//!    slice's port number, which may differ from slice to slice.
+//! 3. An address appearing in several slices is one endpoint: ready or serving if any copy
+//!    is, terminating only if every copy is (a non-terminating copy wins).
+//! 4. Backends are the ready endpoints; if none is ready, the serving *and* terminating ones
+//!    (so connections drain during a rollout instead of failing).
+//! 5. A frontend without usable backends is kept with an empty list: the datapath then drops
+//!    and counts its traffic rather than letting it leak to the routing table.
+//! 6. A Service with a frontend of more than [`MAX_BACKENDS_PER_SERVICE`] backends is left
+//!    out entirely and listed in [`Desired::skipped`].
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    net::Ipv4Addr,
+};
+
+use nodeplane_common::maps::{
+    BackendV4, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS_PER_SERVICE, ServiceKeyV4,
+};
+
+use crate::{
+    index::Index,
+    model::{Protocol, Service, ServicePort},
+    source::ObjectKey,
+};
+
+/// The complete desired contents of the service maps, without ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<ServiceKeyV4, Frontend>,
+    /// Services (or frontends of them) left out, and why. Recomputed every time: callers
+    /// that log it should log changes only.
+    pub skipped: Vec<(ObjectKey, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub service: ObjectKey,
+    pub port_name: String,
+    /// Sorted and deduplicated; slot `i` of the frontend is `backends[i]`.
+    pub backends: Vec<BackendV4>,
+}
+
+/// Endpoint state merged over every slice that lists the same address and port.
+#[derive(Clone, Copy, Debug)]
+struct Merged {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+pub fn compute(index: &Index) -> Desired {
+    let mut desired = Desired::default();
+    for service in index.services() {
+        let frontends = match service_frontends(index, service) {
+            Ok(frontends) => frontends,
+            Err(reason) => {
+                desired.skipped.push((service.key.clone(), reason));
+                continue;
+            }
+        };
+        for (key, frontend) in frontends {
+            match desired.frontends.entry(key) {
+                Entry::Vacant(slot) => {
+                    slot.insert(frontend);
+                }
+                // ClusterIPs are allocated uniquely, so this takes a broken or hand-written
+                // state; the first Service in key order keeps the frontend.
+                Entry::Occupied(taken) => desired.skipped.push((
+                    frontend.service.clone(),
+                    format!(
+                        "frontend {} is already served by {}",
+                        describe(&key),
+                        taken.get().service
+                    ),
+                )),
+            }
+        }
+    }
+    desired
+}
+
+/// All frontends of one Service, or why the Service is skipped.
+fn service_frontends(
+    index: &Index,
+    service: &Service,
+) -> Result<Vec<(ServiceKeyV4, Frontend)>, String> {
+    let mut out = Vec::new();
+    for port in &service.ports {
+        let backends = backends_for(index, service, port);
+        if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+            return Err(format!(
+                "port {} has {} backends, more than the datapath's {MAX_BACKENDS_PER_SERVICE}",
+                display_port(port),
+                backends.len()
+            ));
+        }
+        for vip in &service.cluster_ips_v4 {
+            let key = ServiceKeyV4::new(vip.octets(), port.port, port.protocol.ipproto());
+            let frontend = Frontend {
+                service: service.key.clone(),
+                port_name: port.name.clone(),
+                backends: backends.clone(),
+            };
+            out.push((key, frontend));
+        }
+    }
+    Ok(out)
+}
+
+/// `10.96.0.10:53/UDP`, for messages about a frontend.
+pub fn describe(key: &ServiceKeyV4) -> String {
+    let proto = match key.proto {
+        IPPROTO_TCP => "TCP".to_string(),
+        IPPROTO_UDP => "UDP".to_string(),
+        other => other.to_string(),
+    };
+    format!("{}:{}/{proto}", Ipv4Addr::from(key.addr), key.port())
+}
+
+fn display_port(port: &ServicePort) -> String {
+    let id = if port.name.is_empty() { port.port.to_string() } else { port.name.clone() };
+    format!("{id}/{}", port.protocol)
+}
+
+/// The usable backends of one ServicePort, sorted (rules 2 to 4).
+fn backends_for(index: &Index, service: &Service, port: &ServicePort) -> Vec<BackendV4> {
+    let mut merged: BTreeMap<(Ipv4Addr, u16), Merged> = BTreeMap::new();
+    for slice in index.slices_for(&service.key) {
+        let Some(slice_port) =
+            slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let state =
+                Merged { ready: ep.ready, serving: ep.serving, terminating: ep.terminating };
+            merged
+                .entry((ep.addr, slice_port.port))
+                .and_modify(|m| {
+                    m.ready |= state.ready;
+                    m.serving |= state.serving;
+                    m.terminating &= state.terminating;
+                })
+                .or_insert(state);
+        }
+    }
+    let pick = |usable: fn(&Merged) -> bool| -> Vec<BackendV4> {
+        merged
+            .iter()
+            .filter(|(_, m)| usable(m))
+            .map(|((addr, p), _)| backend(*addr, *p, port.protocol))
+            .collect()
+    };
+    let mut backends = pick(|m| m.ready);
+    if backends.is_empty() {
+        backends = pick(|m| m.serving && m.terminating);
+    }
+    // The map iteration is already ordered by (addr, port) and unique; sorting by the map
+    // value's own order keeps the contract explicit should BackendV4 ever change.
+    backends.sort();
+    backends.dedup();
+    backends
+}
+
+fn backend(addr: Ipv4Addr, port: u16, protocol: Protocol) -> BackendV4 {
+    BackendV4::new(addr.octets(), port, protocol.ipproto())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{SERVICE_PROXY_NAME_LABEL, test_helpers::*};
+    use k8s_openapi::api::discovery::v1 as discoveryv1;
+
+    const VIP: [u8; 4] = [10, 96, 0, 10];
+
+    fn be(addr: &str, port: u16) -> BackendV4 {
+        let ip: Ipv4Addr = addr.parse().expect("test address");
+        BackendV4::new(ip.octets(), port, IPPROTO_TCP)
+    }
+
+    fn tcp(port: u16) -> ServiceKeyV4 {
+        ServiceKeyV4::new(VIP, port, IPPROTO_TCP)
+    }
+
+    fn backends_of(d: &Desired, key: ServiceKeyV4) -> Vec<BackendV4> {
+        d.frontends
+            .get(&key)
+            .unwrap_or_else(|| panic!("no frontend {key:?} in {d:?}"))
+            .backends
+            .clone()
+    }
+
+    fn index_with(
+        svc: k8s_openapi::api::core::v1::Service,
+        slices: Vec<discoveryv1::EndpointSlice>,
+    ) -> Index {
+        let mut index = Index::new();
+        index.apply(svc);
+        for s in slices {
+            index.apply(s);
+        }
+        index
+    }
+
+    fn web() -> k8s_openapi::api::core::v1::Service {
+        mk_service("default", "web", "10.96.0.10", &[("http", 80, "")])
+    }
+
+    #[test]
+    fn named_ports_map_to_different_numbers_per_slice() {
+        let index = index_with(
+            web(),
+            vec![
+                mk_slice("default", "web-a", "web", &[("http", 8080, "")], vec![ready("10.0.0.1")]),
+                mk_slice("default", "web-b", "web", &[("http", 9090, "")], vec![ready("10.0.0.2")]),
+                mk_slice(
+                    "default",
+                    "web-c",
+                    "web",
+                    &[("metrics", 80, "")],
+                    vec![ready("10.0.0.3")],
+                ),
+            ],
+        );
+        let d = compute(&index);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.1", 8080), be("10.0.0.2", 9090)]);
+        assert_eq!(d.frontends[&tcp(80)].port_name, "http");
+        assert_eq!(d.frontends[&tcp(80)].service, ObjectKey::namespaced("default", "web"));
+    }
+
+    #[test]
+    fn multi_port_and_protocol() {
+        let svc = mk_service(
+            "default",
+            "dns",
+            "10.96.0.10",
+            &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+        );
+        let slice = mk_slice(
+            "default",
+            "dns-a",
+            "dns",
+            &[("dns", 5353, "UDP"), ("dns-tcp", 5353, "TCP")],
+            vec![ready("10.0.0.1")],
+        );
+        let d = compute(&index_with(svc, vec![slice]));
+        assert_eq!(d.frontends.len(), 2);
+        assert_eq!(
+            backends_of(&d, ServiceKeyV4::new(VIP, 53, IPPROTO_UDP)),
+            vec![BackendV4::new([10, 0, 0, 1], 5353, IPPROTO_UDP)]
+        );
+        assert_eq!(backends_of(&d, tcp(53)), vec![be("10.0.0.1", 5353)]);
+    }
+
+    #[test]
+    fn same_name_other_protocol_does_not_match() {
+        let slice =
+            mk_slice("default", "web-a", "web", &[("http", 8080, "UDP")], vec![ready("10.0.0.1")]);
+        let d = compute(&index_with(web(), vec![slice]));
+        assert!(backends_of(&d, tcp(80)).is_empty());
+    }
+
+    #[test]
+    fn ready_preferred_over_terminating() {
+        let slice = mk_slice(
+            "default",
+            "web-a",
+            "web",
+            &[("http", 8080, "")],
+            vec![ready("10.0.0.2"), terminating("10.0.0.1", true), not_ready("10.0.0.3")],
+        );
+        let d = compute(&index_with(web(), vec![slice]));
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.2", 8080)]);
+    }
+
+    #[test]
+    fn terminating_serving_used_when_none_ready() {
+        let slice = mk_slice(
+            "default",
+            "web-a",
+            "web",
+            &[("http", 8080, "")],
+            vec![
+                terminating("10.0.0.1", true),
+                terminating("10.0.0.2", false),
+                not_ready("10.0.0.3"),
+            ],
+        );
+        let d = compute(&index_with(web(), vec![slice]));
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.1", 8080)]);
+    }
+
+    #[test]
+    fn duplicates_across_slices_merge() {
+        let slices = vec![
+            mk_slice(
+                "default",
+                "web-a",
+                "web",
+                &[("http", 8080, "")],
+                vec![terminating("10.0.0.1", true), ready("10.0.0.2")],
+            ),
+            mk_slice(
+                "default",
+                "web-b",
+                "web",
+                &[("http", 8080, "")],
+                vec![ready("10.0.0.1"), ready("10.0.0.2")],
+            ),
+        ];
+        let d = compute(&index_with(web(), slices));
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)]);
+
+        // Only terminating copies left, one of them serving: the merged endpoint serves.
+        let slices = vec![
+            mk_slice(
+                "default",
+                "web-a",
+                "web",
+                &[("http", 8080, "")],
+                vec![terminating("10.0.0.1", false)],
+            ),
+            mk_slice(
+                "default",
+                "web-b",
+                "web",
+                &[("http", 8080, "")],
+                vec![terminating("10.0.0.1", true)],
+            ),
+        ];
+        let d = compute(&index_with(web(), slices));
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.1", 8080)]);
+
+        // A non-terminating (not ready) copy wins: not a fallback candidate any more.
+        let slices = vec![
+            mk_slice(
+                "default",
+                "web-a",
+                "web",
+                &[("http", 8080, "")],
+                vec![terminating("10.0.0.1", true)],
+            ),
+            mk_slice("default", "web-b", "web", &[("http", 8080, "")], vec![not_ready("10.0.0.1")]),
+        ];
+        let d = compute(&index_with(web(), slices));
+        assert!(backends_of(&d, tcp(80)).is_empty());
+    }
+
+    #[test]
+    fn backends_are_sorted() {
+        let slice = mk_slice(
+            "default",
+            "web-a",
+            "web",
+            &[("http", 8080, "")],
+            vec![ready("10.0.0.10"), ready("10.0.0.9"), ready("9.0.0.1")],
+        );
+        let d = compute(&index_with(web(), vec![slice]));
+        assert_eq!(
+            backends_of(&d, tcp(80)),
+            vec![be("9.0.0.1", 8080), be("10.0.0.9", 8080), be("10.0.0.10", 8080)]
+        );
+    }
+
+    #[test]
+    fn no_endpoints_keeps_an_empty_frontend() {
+        let d = compute(&index_with(web(), vec![]));
+        assert_eq!(d.frontends.len(), 1);
+        assert!(backends_of(&d, tcp(80)).is_empty());
+        assert!(d.skipped.is_empty());
+    }
+
+    #[test]
+    fn slices_of_other_services_or_namespaces_are_ignored() {
+        let slices = vec![
+            mk_slice("default", "api-a", "api", &[("http", 8080, "")], vec![ready("10.0.0.1")]),
+            mk_slice("other", "web-a", "web", &[("http", 8080, "")], vec![ready("10.0.0.2")]),
+        ];
+        let d = compute(&index_with(web(), slices));
+        assert!(backends_of(&d, tcp(80)).is_empty());
+    }
+
+    #[test]
+    fn proxy_name_and_headless_services_have_no_frontends() {
+        let mut other = web();
+        other.metadata.labels =
+            Some([(SERVICE_PROXY_NAME_LABEL.to_string(), "x".to_string())].into());
+        let slice =
+            mk_slice("default", "web-a", "web", &[("http", 8080, "")], vec![ready("10.0.0.1")]);
+        assert!(compute(&index_with(other, vec![slice.clone()])).frontends.is_empty());
+        let headless = mk_service("default", "web", "None", &[("http", 80, "")]);
+        assert!(compute(&index_with(headless, vec![slice])).frontends.is_empty());
+    }
+
+    #[test]
+    fn too_many_endpoints_skip_the_whole_service() {
+        let svc =
+            mk_service("default", "big", "10.96.0.11", &[("http", 80, ""), ("small", 81, "")]);
+        let n = MAX_BACKENDS_PER_SERVICE + 1;
+        let many: Vec<_> =
+            (0..n).map(|i| ready(&Ipv4Addr::from(0x0a00_0000 + i).to_string())).collect();
+        let mut index = index_with(
+            svc,
+            vec![
+                mk_slice("default", "big-a", "big", &[("http", 8080, "")], many),
+                mk_slice(
+                    "default",
+                    "big-b",
+                    "big",
+                    &[("small", 8081, "")],
+                    vec![ready("10.1.0.1")],
+                ),
+            ],
+        );
+        index.apply(web());
+        let d = compute(&index);
+        assert_eq!(
+            d.frontends.keys().copied().collect::<Vec<_>>(),
+            vec![tcp(80)],
+            "only web remains"
+        );
+        assert_eq!(d.skipped.len(), 1);
+        assert_eq!(d.skipped[0].0, ObjectKey::namespaced("default", "big"));
+        assert!(d.skipped[0].1.contains("http/TCP"), "{}", d.skipped[0].1);
+    }
+
+    #[test]
+    fn every_cluster_ip_gets_the_frontends() {
+        let mut svc = web();
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.cluster_ips = Some(vec!["10.96.0.10".into(), "10.96.0.20".into()]);
+        }
+        let slice =
+            mk_slice("default", "web-a", "web", &[("http", 8080, "")], vec![ready("10.0.0.1")]);
+        let d = compute(&index_with(svc, vec![slice]));
+        assert_eq!(d.frontends.len(), 2);
+        assert_eq!(
+            backends_of(&d, ServiceKeyV4::new([10, 96, 0, 20], 80, IPPROTO_TCP)),
+            vec![be("10.0.0.1", 8080)]
+        );
+    }
+
+    #[test]
+    fn duplicate_frontend_keeps_the_first_service() {
+        let mut index = index_with(web(), vec![]);
+        index.apply(mk_service("default", "zzz", "10.96.0.10", &[("http", 80, "")]));
+        let d = compute(&index);
+        assert_eq!(d.frontends[&tcp(80)].service.name, "web");
+        assert_eq!(d.skipped.len(), 1);
+        assert!(d.skipped[0].1.contains("10.96.0.10:80/TCP"), "{:?}", d.skipped);
+    }
+}
