@@ -55,7 +55,7 @@ pub struct RevNat {
 pub fn lookup_reply(pkt: &Packet) -> Option<RevNat> {
     let key = CtKeyV4 { dir: CT_DIR_REPLY, ..original_key(pkt) };
     // SAFETY: plain-data value copied out at once.
-    let reply = *unsafe { CT_V4.get(&key) }?;
+    let reply = *unsafe { CT_V4.get(key) }?;
     let okey = CtKeyV4 {
         saddr: pkt.daddr,
         daddr: reply.nat_addr,
@@ -66,7 +66,7 @@ pub fn lookup_reply(pkt: &Packet) -> Option<RevNat> {
         _pad: [0; 2],
     };
     let now = now();
-    let original = CT_V4.get_ptr_mut(&okey)?;
+    let original = CT_V4.get_ptr_mut(okey)?;
     // SAFETY: valid element pointer for this run (RCU).
     let original = unsafe { &mut *original };
     if original.expires_ns <= now
@@ -128,8 +128,8 @@ pub fn create(
     };
     let reply = CtValueV4 { nat_addr: pkt.daddr, nat_port: pkt.dport, ..original };
     // REPLY first: a reply can only arrive after the ORIGINAL packet is forwarded anyway.
-    CT_V4.insert(&reply_key, &reply, 0).map_err(|_| Reason::DropCtInsertFailed)?;
-    CT_V4.insert(&original_key(pkt), &original, 0).map_err(|_| Reason::DropCtInsertFailed)
+    CT_V4.insert(reply_key, reply, 0).map_err(|_| Reason::DropCtInsertFailed)?;
+    CT_V4.insert(original_key(pkt), original, 0).map_err(|_| Reason::DropCtInsertFailed)
 }
 
 /// Drops the REPLY entry of a flow whose backend is being replaced.
@@ -145,5 +145,5 @@ pub fn forget_reply(pkt: &Packet, original: &CtValueV4) {
         _pad: [0; 2],
     };
     // A missing entry (already evicted) is fine.
-    let _ = CT_V4.remove(&key);
+    let _ = CT_V4.remove(key);
 }

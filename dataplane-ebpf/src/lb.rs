@@ -18,7 +18,7 @@ pub fn lookup_service(pkt: &Packet) -> Option<ServiceValue> {
     let key = ServiceKeyV4 { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, _pad: 0 };
     // SAFETY: the value is copied out at once; the agent may update it concurrently, and a
     // torn read of this 16-byte value is prevented by the kernel's RCU-replaced elements.
-    let svc = unsafe { SERVICES_V4.get(&key) }.copied()?;
+    let svc = unsafe { SERVICES_V4.get(key) }.copied()?;
     (svc.flags & SVC_F_VIP_MARKER == 0).then_some(svc)
 }
 
@@ -56,7 +56,7 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, svc: ServiceValue) -> Result<Reaso
 #[inline(always)]
 fn backend_matches(id: u32, addr: [u8; 4], port: [u8; 2]) -> bool {
     // SAFETY: plain-data value read once.
-    match unsafe { BACKENDS_V4.get(&id) } {
+    match unsafe { BACKENDS_V4.get(id) } {
         Some(b) => b.addr == addr && b.port == port,
         None => false,
     }
@@ -72,7 +72,7 @@ fn select_backend(svc: &ServiceValue) -> Result<(u32, BackendV4), Reason> {
     let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
     let key = SlotKey { service_id: svc.service_id, slot };
     // SAFETY: plain-data values copied out at once.
-    let backend_id = *unsafe { BACKEND_SLOTS.get(&key) }.ok_or(Reason::DropNoBackendEntry)?;
-    let backend = *unsafe { BACKENDS_V4.get(&backend_id) }.ok_or(Reason::DropNoBackendEntry)?;
+    let backend_id = *unsafe { BACKEND_SLOTS.get(key) }.ok_or(Reason::DropNoBackendEntry)?;
+    let backend = *unsafe { BACKENDS_V4.get(backend_id) }.ok_or(Reason::DropNoBackendEntry)?;
     Ok((backend_id, backend))
 }

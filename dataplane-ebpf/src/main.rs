@@ -33,7 +33,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         Ok(reason) | Err(reason) => reason,
     };
     metrics::count(reason, ctx.len());
-    if reason.is_drop() { TC_ACT_SHOT as i32 } else { TC_ACT_OK as i32 }
+    if reason.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
 }
 
 /// `Ok` carries a pass or translate reason, `Err` a drop reason.

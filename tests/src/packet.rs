@@ -87,7 +87,7 @@ impl Frame {
             _ => {}
         }
         let mut opts = self.ip_options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(1); // NOP
         }
         let ihl = 5 + opts.len() / 4;
