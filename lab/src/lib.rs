@@ -1,1 +1,32 @@
+//! `nodeplane-lab`: one Kubernetes node and its pods made of network namespaces, with the
+//! control plane played from ordinary YAML.
+//!
+//! ```text
+//!   YAML files ──parse──▶ ControlPlane ──cluster()──▶ <state>/manifests/cluster.yaml ──▶ agent
+//!                            │ (pure: IPs, ClusterIPs, EndpointSlices)        (--manifests)
+//!                            ▼
+//!   Lab ── slot N ── np{N}-node ──┬── lxc1a2b3c4d ══ eth0  np{N}-demo-web-0  (serve web-0)
+//!                    (routes,     ├── lxc5e6f7a8b ══ eth0  np{N}-demo-web-1  (serve web-1)
+//!                     agent)      └── ...
+//! ```
+//!
+//! * [`control_plane`] is pure and unit-tested: what an API server, the scheduler, the
+//!   kubelet and the EndpointSlice controller would make of the input objects.
+//! * [`Lab`] makes it real: claims a [`slot`] (so concurrent labs never collide), creates
+//!   the namespaces and veth pairs ([`netns`]) as a CNI plugin would, starts a
+//!   [`server`] in each pod, and writes the manifests the agent reads.
+//! * [`naming`] derives every name and address from the slot.
+//!
+//! Everything needs root except [`control_plane`].
+pub mod control_plane;
+pub mod files;
+pub mod lab;
+pub mod naming;
+pub mod netns;
+pub mod process;
+pub mod server;
+pub mod slot;
 
+pub use control_plane::{ControlPlane, Kind, ObjectKey};
+pub use lab::{Lab, LabConfig, LabError, read_sources};
+pub use naming::HOST_VETH_PREFIX;

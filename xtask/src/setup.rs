@@ -11,16 +11,17 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages and a command each provides, checked before installing.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip")];
 
-pub fn run_all() -> anyhow::Result<()> {
+pub fn ensure() -> anyhow::Result<()> {
     debian_packages()?;
     nightly_rust_src()?;
     bpf_linker()
 }
 
-pub use run_all as run;
-
 fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn debian_packages() -> anyhow::Result<()> {
@@ -31,7 +32,10 @@ fn debian_packages() -> anyhow::Result<()> {
     }
     step(&format!("installing Debian packages: {}", missing.join(" ")));
     run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
@@ -53,10 +57,14 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
-    let ok = Command::new("bpf-linker")
-        .arg("--version")
+    // Run it the way aya-build does, under `rustup run nightly`, which puts the toolchain's
+    // lib dir (and so its libLLVM) on the library path.
+    let ok = Command::new("rustup")
+        .args(["run", "nightly", "bpf-linker", "--version"])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        });
     if ok {
         return Ok(());
     }
@@ -79,11 +87,25 @@ fn bpf_linker() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&libllvm, &link)
         .with_context(|| format!("linking {} -> {}", link.display(), libllvm.display()))?;
+    // The linker's rpath points here, so its soname resolves here too, even outside rustup.
+    let soname = llvm_dir.join("lib").join(libllvm.file_name().context("libLLVM file name")?);
+    let _ = std::fs::remove_file(&soname);
+    std::os::unix::fs::symlink(&libllvm, &soname)
+        .with_context(|| format!("linking {} -> {}", soname.display(), libllvm.display()))?;
     step(&format!(
         "building bpf-linker {BPF_LINKER_VERSION} against {} (once per machine, ~75 s)",
         libllvm.display()
     ));
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+        .args([
+            "install",
+            "--force",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
         .env("LLVM_PREFIX", &llvm_dir))
 }

@@ -1,0 +1,155 @@
+//! End-to-end in the netns lab: real sockets in pod namespaces, the real agent in the node
+//! namespace reading the lab's manifests, the real datapath on the pod veths.
+//! Needs root and the binaries built by `cargo xtask test` (NODEPLANE_AGENT_BIN, NODEPLANE_LAB_BIN).
+use std::{
+    collections::BTreeSet,
+    ffi::OsString,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use nodeplane_lab::{Lab, LabConfig};
+
+const DEMO: &str = include_str!("../../lab/examples/demo.yaml");
+const TIMEOUT: Duration = Duration::from_secs(2);
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn bin(var: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{var} is not set: run the tests with `cargo xtask test`"))
+}
+
+/// The demo cluster with the agent running in the node namespace.
+fn lab() -> Lab {
+    let cfg = LabConfig::new(bin("NODEPLANE_LAB_BIN"));
+    let lab = Lab::up(cfg, &[("demo.yaml", DEMO)]).unwrap_or_else(|e| panic!("lab up: {e:#}"));
+    let agent: Vec<OsString> = vec![
+        bin("NODEPLANE_AGENT_BIN").into(),
+        "run".into(),
+        "--manifests".into(),
+        lab.manifests_dir().into(),
+        "--iface-prefix".into(),
+        nodeplane_lab::HOST_VETH_PREFIX.into(),
+    ];
+    lab.spawn_in_node(&agent, "agent").unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
+    lab
+}
+
+fn vip(lab: &Lab, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(lab.service_ip("demo", "web").expect("web has a ClusterIP"), port)
+}
+
+fn tcp(lab: &Lab, to: SocketAddrV4) -> std::io::Result<String> {
+    lab.tcp_ask("demo", "client", to, TIMEOUT)
+}
+
+fn udp(lab: &Lab, to: SocketAddrV4) -> std::io::Result<String> {
+    lab.udp_ask("demo", "client", to, TIMEOUT)
+}
+
+/// Polls `f` until it is true or `CONVERGE` passes; panics with the agent's log otherwise.
+fn wait_until(lab: &Lab, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < CONVERGE {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(lab.log_path("agent")).unwrap_or_default();
+    panic!("timed out waiting until {what}; agent log:\n{log}");
+}
+
+fn all_web_pods() -> BTreeSet<String> {
+    ["web-0", "web-1", "web-2"].into_iter().map(String::from).collect()
+}
+
+#[test]
+fn clusterip_balances_tcp_and_udp_across_every_backend() {
+    let lab = lab();
+    let (http, dns) = (vip(&lab, 80), vip(&lab, 53));
+    wait_until(&lab, "the ClusterIP answers over TCP", || tcp(&lab, http).is_ok());
+
+    let mut tcp_seen = BTreeSet::new();
+    for i in 0..60 {
+        let who = tcp(&lab, http).unwrap_or_else(|e| panic!("TCP request {i} to {http}: {e}"));
+        tcp_seen.insert(who);
+    }
+    assert_eq!(tcp_seen, all_web_pods(), "60 TCP connections must reach every backend");
+
+    let mut udp_seen = BTreeSet::new();
+    for i in 0..60 {
+        let who = udp(&lab, dns).unwrap_or_else(|e| panic!("UDP request {i} to {dns}: {e}"));
+        udp_seen.insert(who);
+    }
+    assert_eq!(udp_seen, all_web_pods(), "60 UDP flows must reach every backend");
+}
+
+#[test]
+fn removed_backend_gets_no_new_connections_while_established_ones_live_on_and_added_one_receives() {
+    use std::io::{BufRead, BufReader, Write};
+
+    let lab = lab();
+    let http = vip(&lab, 80);
+    wait_until(&lab, "the ClusterIP answers over TCP", || tcp(&lab, http).is_ok());
+
+    // An established connection through the ClusterIP.
+    let held = lab.tcp_connect("demo", "client", http, TIMEOUT).expect("connect through the VIP");
+    held.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+    let mut reader = BufReader::new(held.try_clone().expect("clone stream"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("greeting on the held connection");
+    let kept = line.trim().to_string();
+    let removed = all_web_pods().into_iter().find(|p| *p != kept).expect("another pod");
+
+    // Take `removed` out of the Service's EndpointSlice (not ready -> not an endpoint).
+    lab.set_pod_ready("demo", &removed, false).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut clean_streak = 0;
+    wait_until(&lab, &format!("{removed} gets no new connections"), || {
+        let hit = tcp(&lab, http).map(|who| who == removed).unwrap_or(true);
+        clean_streak = if hit { 0 } else { clean_streak + 1 };
+        clean_streak >= 20
+    });
+    for i in 0..40 {
+        let who = tcp(&lab, http).unwrap_or_else(|e| panic!("request {i} after removal: {e}"));
+        assert_ne!(who, removed, "request {i} reached the removed backend");
+    }
+
+    // The held connection to a remaining backend still works.
+    let mut stream = held;
+    for i in 0..3 {
+        stream.write_all(b"again\n").expect("write on the held connection");
+        line.clear();
+        reader
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("held connection, exchange {i}: {e}"));
+        assert_eq!(line.trim(), kept, "the held connection moved backend");
+    }
+
+    // Put it back: it starts receiving new connections again.
+    lab.set_pod_ready("demo", &removed, true).unwrap_or_else(|e| panic!("{e:#}"));
+    wait_until(&lab, &format!("{removed} receives connections again"), || {
+        tcp(&lab, http).is_ok_and(|who| who == removed)
+    });
+}
+
+#[test]
+fn deleting_the_service_stops_the_translation() {
+    let lab = lab();
+    let (http, dns) = (vip(&lab, 80), vip(&lab, 53));
+    wait_until(&lab, "the ClusterIP answers over TCP", || tcp(&lab, http).is_ok());
+    assert!(udp(&lab, dns).is_ok(), "UDP through the ClusterIP before the delete");
+
+    lab.delete("Service", "demo", "web").unwrap_or_else(|e| panic!("{e:#}"));
+    wait_until(&lab, "the ClusterIP stops answering", || tcp(&lab, http).is_err());
+    for i in 0..5 {
+        assert!(tcp(&lab, http).is_err(), "TCP request {i} still answered after the delete");
+        assert!(udp(&lab, dns).is_err(), "UDP request {i} still answered after the delete");
+    }
+    // The pods themselves are still reachable directly: only the translation is gone.
+    let web0 = lab.pod_ip("demo", "web-0").expect("web-0 has an IP");
+    assert_eq!(tcp(&lab, SocketAddrV4::new(web0, 8080)).expect("direct to web-0"), "web-0");
+    let _: Ipv4Addr = web0;
+}
