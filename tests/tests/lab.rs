@@ -153,3 +153,33 @@ fn deleting_the_service_stops_the_translation() {
     assert_eq!(tcp(&lab, SocketAddrV4::new(web0, 8080)).expect("direct to web-0"), "web-0");
     let _: Ipv4Addr = web0;
 }
+
+#[test]
+fn a_manifest_that_does_not_parse_is_reported_and_the_programmed_state_stays() {
+    let lab = lab();
+    let http = vip(&lab, 80);
+    wait_until(&lab, "the ClusterIP answers over TCP", || tcp(&lab, http).is_ok());
+
+    let broken = lab.manifests_dir().join("broken.yaml");
+    std::fs::write(&broken, "apiVersion: v1\nkind: Service\nmetadata:\n  name: [oops\n")
+        .expect("writing a broken manifest");
+    wait_until(&lab, "the agent reports the broken file", || {
+        let log = std::fs::read_to_string(lab.log_path("agent")).unwrap_or_default();
+        log.lines().any(|l| l.contains("broken.yaml") && l.contains("line"))
+    });
+    let mut seen = BTreeSet::new();
+    for i in 0..30 {
+        seen.insert(
+            tcp(&lab, http).unwrap_or_else(|e| panic!("request {i} with a broken file: {e}")),
+        );
+    }
+    assert_eq!(seen, all_web_pods(), "the previous state must stay programmed");
+
+    // A change made while the file is broken is not applied (the directory is read as a
+    // whole), and is applied once the file is fixed.
+    lab.delete("Service", "demo", "web").unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(tcp(&lab, http).is_ok(), "a partial directory was applied");
+    std::fs::remove_file(&broken).expect("removing the broken manifest");
+    wait_until(&lab, "the fixed directory is applied", || tcp(&lab, http).is_err());
+}
