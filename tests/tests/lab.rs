@@ -6,6 +6,7 @@ use std::{
     ffi::OsString,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -21,8 +22,29 @@ fn bin(var: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{var} is not set: run the tests with `cargo xtask test`"))
 }
 
-/// The demo cluster with the agent running in the node namespace.
-fn lab() -> Lab {
+/// The demo cluster with the agent running in the node namespace. Dropping it tears the
+/// lab down (which stops the agent) and then reaps the agent process.
+struct Cluster {
+    lab: Option<Lab>,
+    agent: Child,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        self.lab.as_ref().expect("the lab lives until drop")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        drop(self.lab.take());
+        let _ = self.agent.kill();
+        let _ = self.agent.wait();
+    }
+}
+
+fn lab() -> Cluster {
     let cfg = LabConfig::new(bin("NODEPLANE_LAB_BIN"));
     let lab = Lab::up(cfg, &[("demo.yaml", DEMO)]).unwrap_or_else(|e| panic!("lab up: {e:#}"));
     let agent: Vec<OsString> = vec![
@@ -33,8 +55,9 @@ fn lab() -> Lab {
         "--iface-prefix".into(),
         nodeplane_lab::HOST_VETH_PREFIX.into(),
     ];
-    lab.spawn_in_node(&agent, "agent").unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
-    lab
+    let agent =
+        lab.spawn_in_node(&agent, "agent").unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
+    Cluster { lab: Some(lab), agent }
 }
 
 fn vip(lab: &Lab, port: u16) -> SocketAddrV4 {

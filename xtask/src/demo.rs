@@ -13,7 +13,7 @@ use nodeplane_lab::{HOST_VETH_PREFIX, Lab, LabConfig};
 use crate::{Bins, step};
 
 const DEMO: &str = include_str!("../../lab/examples/demo.yaml");
-const REQUESTS: usize = 12;
+const REQUESTS: usize = 18;
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
@@ -31,7 +31,7 @@ pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
         "--counters-interval".into(),
         "1s".into(),
     ];
-    lab.spawn_in_node(&agent, "agent").context("starting the agent")?;
+    let mut agent = lab.spawn_in_node(&agent, "agent").context("starting the agent")?;
     let vip = lab.service_ip("demo", "web").context("web has no ClusterIP")?;
     println!("    lab slot {}: node netns {}", lab.slot(), lab.node_netns());
     for pod in ["web-0", "web-1", "web-2", "client"] {
@@ -91,6 +91,7 @@ pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
     } else {
         step("tearing the lab down (use --keep to leave it up)");
         lab.down().context("lab down")?;
+        agent.wait().context("reaping the agent")?;
     }
     Ok(())
 }
