@@ -300,3 +300,29 @@ fn malformed_packets_are_never_translated() {
     }
     assert_eq!(count(&mut dp, Reason::NatNew), 0, "a malformed packet created a flow");
 }
+
+#[test]
+fn an_expired_conntrack_entry_is_not_followed() {
+    let mut dp = fixture();
+    let syn = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
+    run_once(&dp, &syn);
+    let key = CtKeyV4 {
+        saddr: CLIENT.0.octets(),
+        daddr: VIP.octets(),
+        sport: CLIENT.1.to_be_bytes(),
+        dport: TCP_PORT.to_be_bytes(),
+        proto: IPPROTO_TCP,
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
+    };
+    let mut entry = dp.maps().ct.get(&key, 0).expect("ORIGINAL entry");
+    assert!(entry.expires_ns > 1, "a fresh entry has a deadline in the future");
+    // Age it out: a deadline in the past (bpf_ktime_get_ns is far beyond 1 ns after boot).
+    entry.expires_ns = 1;
+    dp.maps().ct.insert(key, entry, 0).expect("rewriting the entry");
+
+    let ack = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_ACK).build();
+    expect(&mut dp, &ack, TC_ACT_OK, Reason::NatNew);
+    let renewed = dp.maps().ct.get(&key, 0).expect("ORIGINAL entry recreated");
+    assert!(renewed.expires_ns > 1, "the flow got a new deadline");
+}
