@@ -88,6 +88,19 @@ fn expect(dp: &mut Datapath, frame: &[u8], action: u32, reason: Reason) -> Vec<u
     out.frame
 }
 
+/// The conntrack key of a TCP packet `src -> dst` in direction `dir`.
+fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), dir: u8) -> CtKeyV4 {
+    CtKeyV4 {
+        saddr: src.0.octets(),
+        daddr: dst.0.octets(),
+        sport: src.1.to_be_bytes(),
+        dport: dst.1.to_be_bytes(),
+        proto: IPPROTO_TCP,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
 #[test]
 fn first_packet_is_dnated_with_valid_checksums_and_recorded_in_conntrack() {
     let mut dp = fixture();
@@ -98,27 +111,11 @@ fn first_packet_is_dnated_with_valid_checksums_and_recorded_in_conntrack() {
     assert_eq!(out.dst.1, TCP_TARGET);
     assert_eq!(out.payload, b"ping");
 
-    let orig = CtKeyV4 {
-        saddr: CLIENT.0.octets(),
-        daddr: VIP.octets(),
-        sport: CLIENT.1.to_be_bytes(),
-        dport: TCP_PORT.to_be_bytes(),
-        proto: IPPROTO_TCP,
-        dir: CT_DIR_ORIGINAL,
-        _pad: [0; 2],
-    };
+    let orig = ct_key(CLIENT, (VIP, TCP_PORT), CT_DIR_ORIGINAL);
     let entry = dp.maps().ct.get(&orig, 0).expect("ORIGINAL conntrack entry");
     assert_eq!(entry.nat_addr, out.dst.0.octets());
     assert_eq!(entry.service_id, 1);
-    let reply = CtKeyV4 {
-        saddr: out.dst.0.octets(),
-        daddr: CLIENT.0.octets(),
-        sport: TCP_TARGET.to_be_bytes(),
-        dport: CLIENT.1.to_be_bytes(),
-        proto: IPPROTO_TCP,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
+    let reply = ct_key(out.dst, CLIENT, CT_DIR_REPLY);
     let entry = dp.maps().ct.get(&reply, 0).expect("REPLY conntrack entry");
     assert_eq!((entry.nat_addr, entry.nat_port), (VIP.octets(), TCP_PORT.to_be_bytes()));
 }
@@ -306,15 +303,7 @@ fn an_expired_conntrack_entry_is_not_followed() {
     let mut dp = fixture();
     let syn = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
     run_once(&dp, &syn);
-    let key = CtKeyV4 {
-        saddr: CLIENT.0.octets(),
-        daddr: VIP.octets(),
-        sport: CLIENT.1.to_be_bytes(),
-        dport: TCP_PORT.to_be_bytes(),
-        proto: IPPROTO_TCP,
-        dir: CT_DIR_ORIGINAL,
-        _pad: [0; 2],
-    };
+    let key = ct_key(CLIENT, (VIP, TCP_PORT), CT_DIR_ORIGINAL);
     let mut entry = dp.maps().ct.get(&key, 0).expect("ORIGINAL entry");
     assert!(entry.expires_ns > 1, "a fresh entry has a deadline in the future");
     // Age it out: a deadline in the past (bpf_ktime_get_ns is far beyond 1 ns after boot).
