@@ -65,6 +65,12 @@ impl Lab {
         Ok(netns::run_in(&self.pod_netns(namespace, name), f)?)
     }
 
+    /// Runs `f` on a thread inside the node's netns, e.g. to bind a listener the agent
+    /// (which runs there) can reach on the node's loopback.
+    pub fn in_node<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R, LabError> {
+        Ok(netns::run_in(&self.node_netns(), f)?)
+    }
+
     /// A TCP connection from a pod. The stream stays in the pod's netns.
     pub fn tcp_connect(
         &self,
