@@ -1,23 +1,39 @@
 //! What the service maps should contain, computed from the index alone.
 //!
 //! A pure function so it can be tested with literals and re-run at will: the same index
-//! always gives the same, sorted [`Desired`]. Ids are not chosen here; [`sync`](crate::sync)
-//! assigns them when it diffs against what is written.
+//! (and node) always gives the same, sorted [`Desired`]. Ids are not chosen here;
+//! [`sync`](crate::sync) assigns them when it diffs against what is written.
 //!
 //! The rules are kube-proxy's for EndpointSlices:
 //!
 //! 1. Every IPv4 ClusterIP x ServicePort of a Service is one frontend `(vip, port, proto)`.
+//!    Only IPv4 is programmed: a dual-stack Service gets frontends for its IPv4 ClusterIP,
+//!    an IPv6-only one none at all (the index drops it; it is not an error).
 //! 2. Its backends come from the Service's slices (same namespace, `kubernetes.io/service-name`
 //!    label) whose port has the ServicePort's name and protocol; the backend port is the
-//!    slice's port number, which may differ from slice to slice.
+//!    slice's port number, which may differ from slice to slice. Who made the slice does not
+//!    matter: hand-made slices (no or another `endpointslice.kubernetes.io/managed-by`) of a
+//!    selector-less Service count exactly like the EndpointSlice controller's.
 //! 3. An address appearing in several slices is one endpoint: ready or serving if any copy
-//!    is, terminating only if every copy is (a non-terminating copy wins).
-//! 4. Backends are the ready endpoints; if none is ready, the serving *and* terminating ones
-//!    (so connections drain during a rollout instead of failing).
-//! 5. A frontend without usable backends is kept with an empty list: the datapath then drops
-//!    and counts its traffic rather than letting it leak to the routing table.
-//! 6. A Service with a frontend of more than [`MAX_BACKENDS_PER_SERVICE`] backends is left
+//!    is, terminating only if every copy is (a non-terminating copy wins), on this node if
+//!    any copy says so.
+//! 4. `internalTrafficPolicy: Local` narrows the candidates to the endpoints whose
+//!    `nodeName` is this node ([`NodeContext`]); `Cluster` (the default) keeps them all.
+//! 5. Backends are the ready candidates; if none is ready, the serving *and* terminating
+//!    ones (so connections drain during a rollout instead of failing). With `Local` this
+//!    fallback is decided on the local endpoints alone, as kube-proxy does: a node whose
+//!    local endpoints are all terminating uses them even while other nodes have ready ones.
+//! 6. A frontend without usable backends is kept with an empty list: the datapath then drops
+//!    and counts its traffic (`no-backends`) rather than letting it leak to the routing
+//!    table. For `Local` with no endpoint on this node this is kube-proxy's behaviour too:
+//!    the traffic is dropped, never sent to another node.
+//! 7. A Service with a frontend of more than [`MAX_BACKENDS_PER_SERVICE`] backends is left
 //!    out entirely and listed in [`Desired::skipped`].
+//!
+//! Without a node name ([`compute`], the file source in the lab) `Local` cannot be
+//! evaluated and is treated as `Cluster`: every endpoint is used. Dropping all traffic of
+//! such Services instead would break them on a misconfigured agent; an agent that knows its
+//! node (`--node-name`, from the downward API in the DaemonSet) always applies `Local`.
 use std::{
     collections::{BTreeMap, btree_map::Entry},
     net::Ipv4Addr,
@@ -29,7 +45,7 @@ use nodeplane_common::maps::{
 
 use crate::{
     index::Index,
-    model::{Protocol, Service, ServicePort},
+    model::{Endpoint, Protocol, Service, ServicePort},
     source::ObjectKey,
 };
 
@@ -50,18 +66,81 @@ pub struct Frontend {
     pub backends: Vec<BackendV4>,
 }
 
+/// Where the agent runs: what the node-aware rules need to know.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// This node's name, as in `spec.nodeName` and in endpoints' `nodeName`. `None` when
+    /// unknown: `internalTrafficPolicy: Local` is then treated as `Cluster`.
+    pub node_name: Option<String>,
+}
+
+impl NodeContext {
+    pub fn named(node_name: impl Into<String>) -> Self {
+        Self { node_name: Some(node_name.into()) }
+    }
+}
+
+/// Which endpoints a Service's frontends draw from (`spec.internalTrafficPolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope<'a> {
+    /// `Cluster`: every endpoint.
+    Cluster,
+    /// `Local`: only endpoints whose `nodeName` is this node.
+    Node(&'a str),
+}
+
+impl<'a> Scope<'a> {
+    fn new(internal_traffic_policy_local: bool, node: &'a NodeContext) -> Self {
+        match (internal_traffic_policy_local, node.node_name.as_deref()) {
+            (true, Some(name)) => Scope::Node(name),
+            // Local without a node name is treated as Cluster (module docs).
+            _ => Scope::Cluster,
+        }
+    }
+
+    fn admits(self, ep: &Endpoint) -> bool {
+        match self {
+            Scope::Cluster => true,
+            Scope::Node(name) => ep.node_name.as_deref() == Some(name),
+        }
+    }
+}
+
 /// Endpoint state merged over every slice that lists the same address and port.
 #[derive(Clone, Copy, Debug)]
 struct Merged {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// Admitted by the Service's [`Scope`] (always true for `Cluster`).
+    in_scope: bool,
 }
 
+/// [`compute_for`] on a node whose name is unknown: `Local` policies act as `Cluster`.
 pub fn compute(index: &Index) -> Desired {
+    compute_for(index, &NodeContext::default())
+}
+
+/// The desired maps of the agent on `node`.
+pub fn compute_for(index: &Index, node: &NodeContext) -> Desired {
+    compute_with(index, node, &internal_traffic_policy_local)
+}
+
+fn internal_traffic_policy_local(service: &Service) -> bool {
+    service.internal_traffic_policy_local
+}
+
+/// [`compute_for`] with the policy accessor as a parameter, so the rules can be tested on
+/// one index with several policies.
+fn compute_with(
+    index: &Index,
+    node: &NodeContext,
+    policy_local: &dyn Fn(&Service) -> bool,
+) -> Desired {
     let mut desired = Desired::default();
     for service in index.services() {
-        let frontends = match service_frontends(index, service) {
+        let scope = Scope::new(policy_local(service), node);
+        let frontends = match service_frontends(index, service, scope) {
             Ok(frontends) => frontends,
             Err(reason) => {
                 desired.skipped.push((service.key.clone(), reason));
@@ -93,10 +172,11 @@ pub fn compute(index: &Index) -> Desired {
 fn service_frontends(
     index: &Index,
     service: &Service,
+    scope: Scope<'_>,
 ) -> Result<Vec<(ServiceKeyV4, Frontend)>, String> {
     let mut out = Vec::new();
     for port in &service.ports {
-        let backends = backends_for(index, service, port);
+        let backends = backends_for(index, service, port, scope);
         if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
             return Err(format!(
                 "port {} has {} backends, more than the datapath's {MAX_BACKENDS_PER_SERVICE}",
@@ -132,8 +212,13 @@ fn display_port(port: &ServicePort) -> String {
     format!("{id}/{}", port.protocol)
 }
 
-/// The usable backends of one ServicePort, sorted (rules 2 to 4).
-fn backends_for(index: &Index, service: &Service, port: &ServicePort) -> Vec<BackendV4> {
+/// The usable backends of one ServicePort, sorted (rules 2 to 5).
+fn backends_for(
+    index: &Index,
+    service: &Service,
+    port: &ServicePort,
+    scope: Scope<'_>,
+) -> Vec<BackendV4> {
     let mut merged: BTreeMap<(Ipv4Addr, u16), Merged> = BTreeMap::new();
     for slice in index.slices_for(&service.key) {
         let Some(slice_port) =
@@ -142,14 +227,19 @@ fn backends_for(index: &Index, service: &Service, port: &ServicePort) -> Vec<Bac
             continue;
         };
         for ep in &slice.endpoints {
-            let state =
-                Merged { ready: ep.ready, serving: ep.serving, terminating: ep.terminating };
+            let state = Merged {
+                ready: ep.ready,
+                serving: ep.serving,
+                terminating: ep.terminating,
+                in_scope: scope.admits(ep),
+            };
             merged
                 .entry((ep.addr, slice_port.port))
                 .and_modify(|m| {
                     m.ready |= state.ready;
                     m.serving |= state.serving;
                     m.terminating &= state.terminating;
+                    m.in_scope |= state.in_scope;
                 })
                 .or_insert(state);
         }
@@ -157,10 +247,11 @@ fn backends_for(index: &Index, service: &Service, port: &ServicePort) -> Vec<Bac
     let pick = |usable: fn(&Merged) -> bool| -> Vec<BackendV4> {
         merged
             .iter()
-            .filter(|(_, m)| usable(m))
+            .filter(|(_, m)| m.in_scope && usable(m))
             .map(|((addr, p), _)| backend(*addr, *p, port.protocol))
             .collect()
     };
+    // The fallback looks at the endpoints in scope only (kube-proxy's CategorizeEndpoints).
     let mut backends = pick(|m| m.ready);
     if backends.is_empty() {
         backends = pick(|m| m.serving && m.terminating);
@@ -459,5 +550,217 @@ mod tests {
         assert_eq!(d.frontends[&tcp(80)].service.name, "web");
         assert_eq!(d.skipped.len(), 1);
         assert!(d.skipped[0].1.contains("10.96.0.10:80/TCP"), "{:?}", d.skipped);
+    }
+
+    // --- node-aware rules (internalTrafficPolicy) ---
+
+    fn on(node: &str, mut ep: discoveryv1::Endpoint) -> discoveryv1::Endpoint {
+        ep.node_name = Some(node.to_string());
+        ep
+    }
+
+    /// Services named in `local` have `internalTrafficPolicy: Local`.
+    fn compute_local(index: &Index, node: Option<&str>, local: &[&str]) -> Desired {
+        let node = NodeContext { node_name: node.map(str::to_string) };
+        compute_with(index, &node, &|s: &Service| local.contains(&s.key.name.as_str()))
+    }
+
+    fn spread() -> Index {
+        let slices = vec![
+            mk_slice(
+                "default",
+                "web-a",
+                "web",
+                &[("http", 8080, "")],
+                vec![
+                    on("n1", ready("10.0.1.1")),
+                    on("n1", not_ready("10.0.1.2")),
+                    on("n2", ready("10.0.2.1")),
+                    ready("10.0.9.1"), // no nodeName: never local
+                ],
+            ),
+            mk_slice(
+                "default",
+                "web-b",
+                "web",
+                &[("http", 8080, "")],
+                vec![on("n1", ready("10.0.1.3"))],
+            ),
+        ];
+        index_with(web(), slices)
+    }
+
+    #[test]
+    fn local_policy_uses_only_this_nodes_endpoints() {
+        let index = spread();
+        let d = compute_local(&index, Some("n1"), &["web"]);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.1.1", 8080), be("10.0.1.3", 8080)]);
+        let d = compute_local(&index, Some("n2"), &["web"]);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.2.1", 8080)]);
+        assert!(d.skipped.is_empty());
+    }
+
+    #[test]
+    fn cluster_policy_ignores_the_node() {
+        let index = spread();
+        let all = vec![
+            be("10.0.1.1", 8080),
+            be("10.0.1.3", 8080),
+            be("10.0.2.1", 8080),
+            be("10.0.9.1", 8080),
+        ];
+        assert_eq!(backends_of(&compute_local(&index, Some("n1"), &[]), tcp(80)), all);
+        assert_eq!(backends_of(&compute_for(&index, &NodeContext::named("n1")), tcp(80)), all);
+    }
+
+    #[test]
+    fn local_policy_without_local_endpoints_drops() {
+        // The frontend stays, with no backends: the datapath drops and counts (no-backends)
+        // instead of sending the traffic to another node, as kube-proxy does.
+        let d = compute_local(&spread(), Some("n3"), &["web"]);
+        assert_eq!(d.frontends.len(), 1);
+        assert!(backends_of(&d, tcp(80)).is_empty());
+        assert!(d.skipped.is_empty(), "not a skip: {:?}", d.skipped);
+    }
+
+    #[test]
+    fn local_policy_without_a_node_name_acts_as_cluster() {
+        let index = spread();
+        assert_eq!(compute_local(&index, None, &["web"]), compute_local(&index, None, &[]));
+        assert_eq!(compute(&index), compute_for(&index, &NodeContext::default()));
+        assert_eq!(backends_of(&compute(&index), tcp(80)).len(), 4);
+    }
+
+    #[test]
+    fn local_terminating_fallback_looks_at_local_endpoints_only() {
+        let slice = |eps| mk_slice("default", "web-a", "web", &[("http", 8080, "")], eps);
+        // n1 only has a serving terminating endpoint: it is used although n2 has a ready
+        // one (kube-proxy's CategorizeEndpoints), and a non-serving one never is.
+        let index = index_with(
+            web(),
+            vec![slice(vec![
+                on("n1", terminating("10.0.1.1", true)),
+                on("n1", terminating("10.0.1.2", false)),
+                on("n2", ready("10.0.2.1")),
+            ])],
+        );
+        let d = compute_local(&index, Some("n1"), &["web"]);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.1.1", 8080)]);
+        // With Cluster the ready endpoint elsewhere wins: no fallback.
+        let d = compute_local(&index, Some("n1"), &[]);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.2.1", 8080)]);
+
+        // A local ready endpoint is preferred over a local terminating one.
+        let index = index_with(
+            web(),
+            vec![slice(vec![on("n1", terminating("10.0.1.1", true)), on("n1", ready("10.0.1.2"))])],
+        );
+        let d = compute_local(&index, Some("n1"), &["web"]);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.1.2", 8080)]);
+
+        // Only terminating endpoints elsewhere: nothing local to fall back to.
+        let index = index_with(web(), vec![slice(vec![on("n2", terminating("10.0.2.1", true))])]);
+        assert!(backends_of(&compute_local(&index, Some("n1"), &["web"]), tcp(80)).is_empty());
+    }
+
+    #[test]
+    fn local_policy_applies_per_service() {
+        let mut index = spread();
+        index.apply(mk_service("default", "api", "10.96.0.11", &[("http", 80, "")]));
+        index.apply(mk_slice(
+            "default",
+            "api-a",
+            "api",
+            &[("http", 8080, "")],
+            vec![on("n1", ready("10.0.1.9")), on("n2", ready("10.0.2.9"))],
+        ));
+        let d = compute_local(&index, Some("n2"), &["web"]);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.2.1", 8080)]);
+        let api = ServiceKeyV4::new([10, 96, 0, 11], 80, IPPROTO_TCP);
+        assert_eq!(backends_of(&d, api), vec![be("10.0.1.9", 8080), be("10.0.2.9", 8080)]);
+    }
+
+    #[test]
+    fn internal_traffic_policy_is_read_from_the_service() {
+        let mut svc = web();
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.internal_traffic_policy = Some("Local".into());
+        }
+        let slice = mk_slice(
+            "default",
+            "web-a",
+            "web",
+            &[("http", 8080, "")],
+            vec![on("n1", ready("10.0.1.1")), on("n2", ready("10.0.2.1"))],
+        );
+        let d = compute_for(&index_with(svc, vec![slice]), &NodeContext::named("n1"));
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.1.1", 8080)]);
+    }
+
+    // --- IP families and slice provenance ---
+
+    #[test]
+    fn dual_stack_service_gets_its_ipv4_frontends() {
+        let mut svc = mk_service("default", "web", "fd00::10", &[("http", 80, "")]);
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.ip_families = Some(vec!["IPv6".into(), "IPv4".into()]);
+            spec.ip_family_policy = Some("RequireDualStack".into());
+            spec.cluster_ips = Some(vec!["fd00::10".into(), "10.96.0.10".into()]);
+        }
+        let slice =
+            mk_slice("default", "web-a", "web", &[("http", 8080, "")], vec![ready("10.0.0.1")]);
+        let d = compute(&index_with(svc, vec![slice]));
+        assert_eq!(d.frontends.keys().copied().collect::<Vec<_>>(), vec![tcp(80)]);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.1", 8080)]);
+        assert!(d.skipped.is_empty());
+    }
+
+    #[test]
+    fn ipv6_only_service_yields_nothing_and_no_error() {
+        let mut svc = mk_service("default", "web", "fd00::10", &[("http", 80, "")]);
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.ip_families = Some(vec!["IPv6".into()]);
+            spec.ip_family_policy = Some("SingleStack".into());
+        }
+        let mut v6_slice = mk_slice("default", "web-a", "web", &[("http", 8080, "")], vec![]);
+        v6_slice.address_type = "IPv6".into();
+        v6_slice.endpoints = vec![ready("fd00:1::1")];
+        let index = index_with(svc, vec![v6_slice]);
+        let d = compute_for(&index, &NodeContext::named("n1"));
+        assert!(d.frontends.is_empty(), "{d:?}");
+        assert!(d.skipped.is_empty(), "{d:?}");
+        assert!(index.skipped_counts().is_empty());
+    }
+
+    #[test]
+    fn hand_made_slices_work_like_controller_made_ones() {
+        const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+        let with_manager = |name: &str, manager: Option<&str>, ep: &str| {
+            let mut s = mk_slice("default", name, "web", &[("http", 8080, "")], vec![ready(ep)]);
+            if let (Some(labels), Some(m)) = (s.metadata.labels.as_mut(), manager) {
+                labels.insert(MANAGED_BY.to_string(), m.to_string());
+            }
+            s
+        };
+        // A Service without a selector, as for hand-made slices.
+        let svc = web();
+        assert!(svc.spec.as_ref().is_some_and(|s| s.selector.is_none()));
+        let by_hand = index_with(
+            svc.clone(),
+            vec![
+                with_manager("web-a", None, "10.0.0.1"),
+                with_manager("web-b", Some("staff.example.com/by-hand"), "10.0.0.2"),
+            ],
+        );
+        let by_controller = index_with(
+            svc,
+            vec![
+                with_manager("web-a", Some("endpointslice-controller.k8s.io"), "10.0.0.1"),
+                with_manager("web-b", Some("endpointslice-controller.k8s.io"), "10.0.0.2"),
+            ],
+        );
+        let d = compute(&by_hand);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)]);
+        assert_eq!(d, compute(&by_controller));
     }
 }

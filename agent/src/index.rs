@@ -20,7 +20,9 @@ use std::{
     net::{IpAddr, Ipv6Addr},
 };
 
-use k8s_openapi::api::{core::v1 as corev1, discovery::v1 as discoveryv1};
+use k8s_openapi::api::{
+    core::v1 as corev1, discovery::v1 as discoveryv1, networking::v1 as networkingv1,
+};
 
 use crate::{
     model::{
@@ -73,6 +75,8 @@ pub struct Index {
     pods: BTreeMap<ObjectKey, Pod>,
     namespaces: BTreeMap<ObjectKey, Namespace>,
     nodes: BTreeMap<ObjectKey, Node>,
+    /// Kept as the API's spec until the datapath enforces policy and a model exists for it.
+    network_policies: BTreeMap<ObjectKey, networkingv1::NetworkPolicySpec>,
     skips: BTreeMap<(Kind, ObjectKey), Vec<SkipReason>>,
     revision: u64,
 }
@@ -110,6 +114,9 @@ impl Index {
                 store(&mut self.namespaces, &key, Some(convert_namespace(&key, ns)))
             }
             Object::Node(node) => store(&mut self.nodes, &key, Some(convert_node(&key, node))),
+            Object::NetworkPolicy(np) => {
+                store(&mut self.network_policies, &key, Some(np.spec.clone().unwrap_or_default()))
+            }
         };
         self.record_skips(kind, &key, skips);
         if changed {
@@ -126,6 +133,7 @@ impl Index {
             Kind::Pod => store(&mut self.pods, key, None),
             Kind::Namespace => store(&mut self.namespaces, key, None),
             Kind::Node => store(&mut self.nodes, key, None),
+            Kind::NetworkPolicy => store(&mut self.network_policies, key, None),
         };
         if changed {
             self.revision += 1;
@@ -150,6 +158,7 @@ impl Index {
             Kind::Pod => self.pods.keys().cloned().collect(),
             Kind::Namespace => self.namespaces.keys().cloned().collect(),
             Kind::Node => self.nodes.keys().cloned().collect(),
+            Kind::NetworkPolicy => self.network_policies.keys().cloned().collect(),
         };
         let skipped = self.skips.keys().filter(|(k, _)| *k == kind).map(|(_, key)| key.clone());
         let stale: Vec<ObjectKey> =
@@ -202,6 +211,24 @@ impl Index {
 
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values()
+    }
+
+    pub fn network_policies(
+        &self,
+    ) -> impl Iterator<Item = (&ObjectKey, &networkingv1::NetworkPolicySpec)> {
+        self.network_policies.iter()
+    }
+
+    /// Number of objects of `kind` held (skipped objects not counted).
+    pub fn len(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Service => self.services.len(),
+            Kind::EndpointSlice => self.slices.len(),
+            Kind::Pod => self.pods.len(),
+            Kind::Namespace => self.namespaces.len(),
+            Kind::Node => self.nodes.len(),
+            Kind::NetworkPolicy => self.network_policies.len(),
+        }
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {
@@ -342,7 +369,10 @@ fn convert_service(
             return None;
         }
     }
-    if cluster_ips_v4.is_empty() {
+    // `spec.ipFamilies` lists the families the Service has, in clusterIPs' order; honour it
+    // over the addresses so an inconsistent object is not half-programmed.
+    let v4_family = spec.ip_families.as_ref().is_none_or(|f| f.iter().any(|f| f == "IPv4"));
+    if cluster_ips_v4.is_empty() || !v4_family {
         return not_proxied("IPv6 only");
     }
     let mut ports = Vec::new();
@@ -361,6 +391,7 @@ fn convert_service(
         ports,
         labels,
         selector: spec.selector.clone(),
+        internal_traffic_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
     })
 }
 

@@ -81,6 +81,9 @@ pub struct Service {
     pub labels: Labels,
     /// The pod selector, if any (Services without one have hand-made EndpointSlices).
     pub selector: Option<Labels>,
+    /// `spec.internalTrafficPolicy: Local`: ClusterIP traffic goes to this node's endpoints
+    /// only (see [`desired`](crate::desired)).
+    pub internal_traffic_policy_local: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -4,7 +4,7 @@
 //! Why it is built the way it is:
 //!
 //! 1. **The directory is the truth.** Every change produces one [`Event::Reset`] per
-//!    [`Kind`] (all five, even empty ones), so a deleted file or a removed document simply
+//!    [`Kind`] (all of them, even empty ones), so a deleted file or a removed document simply
 //!    disappears downstream. There are no per-object events to get out of order.
 //! 2. **Change detection is cheap.** A poll only lists the directory and stats the files
 //!    (name, mtime, length); files are read and parsed only when that fingerprint changes.
@@ -30,6 +30,7 @@ use std::{
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -345,6 +346,7 @@ fn typed(
         ("v1", "Pod") => Kind::Pod,
         ("v1", "Namespace") => Kind::Namespace,
         ("v1", "Node") => Kind::Node,
+        ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
         _ => return Ok(None),
     };
     de(kind).map(Some)
@@ -360,6 +362,7 @@ fn de_str(text: &str, kind: Kind) -> Result<Object, serde_yaml::Error> {
         Kind::Pod => go::<Pod>(text),
         Kind::Namespace => go::<Namespace>(text),
         Kind::Node => go::<Node>(text),
+        Kind::NetworkPolicy => go::<NetworkPolicy>(text),
     }
 }
 
@@ -375,6 +378,7 @@ fn de_value(value: serde_yaml::Value, kind: Kind) -> Result<Object, serde_yaml::
         Kind::Pod => go::<Pod>(value),
         Kind::Namespace => go::<Namespace>(value),
         Kind::Node => go::<Node>(value),
+        Kind::NetworkPolicy => go::<NetworkPolicy>(value),
     }
 }
 
@@ -474,7 +478,7 @@ ports:
         write(dir.path(), "notes.txt", "not: yaml: at: all: [");
         let mut src = FileSource::new(dir.path());
         let got = poll_resets(&mut src);
-        assert_eq!(got.len(), 5, "one reset per kind: {got:?}");
+        assert_eq!(got.len(), Kind::ALL.len(), "one reset per kind: {got:?}");
         assert_eq!(got[&Kind::Service], vec![ObjectKey::namespaced("shop", "web")]);
         assert_eq!(got[&Kind::EndpointSlice], vec![ObjectKey::namespaced("shop", "web-abc")]);
         assert_eq!(got[&Kind::Namespace], vec![ObjectKey::cluster("shop")]);

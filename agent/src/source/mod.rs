@@ -1,6 +1,6 @@
 //! Where cluster state comes from.
 //!
-//! Every source (the YAML directory in [`files`], later a kube-rs watcher) speaks the same
+//! Every source (the YAML directory in [`files`], the API server's watches in [`kube`]) speaks the same
 //! small language: [`Event`]s carrying whole k8s objects. The [`Index`](crate::index::Index)
 //! is the only consumer, so a new source needs no change downstream.
 //!
@@ -20,11 +20,13 @@ use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 pub mod files;
+pub mod kube;
 
 /// The object kinds the agent consumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -34,16 +36,23 @@ pub enum Kind {
     Pod,
     Namespace,
     Node,
+    NetworkPolicy,
 }
 
 impl Kind {
     /// Every kind, in the order sources emit their `Reset`s.
-    pub const ALL: [Kind; 5] =
-        [Kind::Namespace, Kind::Node, Kind::Pod, Kind::Service, Kind::EndpointSlice];
+    pub const ALL: [Kind; 6] = [
+        Kind::Namespace,
+        Kind::Node,
+        Kind::Pod,
+        Kind::NetworkPolicy,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
 
     /// Whether objects of this kind live in a namespace.
     pub const fn is_namespaced(self) -> bool {
-        matches!(self, Kind::Service | Kind::EndpointSlice | Kind::Pod)
+        matches!(self, Kind::Service | Kind::EndpointSlice | Kind::Pod | Kind::NetworkPolicy)
     }
 
     pub const fn as_str(self) -> &'static str {
@@ -53,9 +62,34 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::Node => "Node",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+
+    /// The API group and resource (plural) the kind is listed and watched as.
+    pub const fn resource(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Service => ("", "services"),
+            Kind::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
+            Kind::Pod => ("", "pods"),
+            Kind::Namespace => ("", "namespaces"),
+            Kind::Node => ("", "nodes"),
+            Kind::NetworkPolicy => ("networking.k8s.io", "networkpolicies"),
         }
     }
 }
+
+/// What the agent's API source lists and watches, as `(apiGroup, resource)`: exactly what
+/// its ClusterRole must grant get/list/watch on (checked by `tests/tests/manifests.rs`).
+pub const WATCHED: [(&str, &str); 6] = {
+    let mut out = [("", ""); 6];
+    let mut i = 0;
+    while i < Kind::ALL.len() {
+        out[i] = Kind::ALL[i].resource();
+        i += 1;
+    }
+    out
+};
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -112,6 +146,7 @@ pub enum Object {
     Pod(Pod),
     Namespace(Namespace),
     Node(Node),
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl Object {
@@ -122,6 +157,7 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Namespace(_) => Kind::Namespace,
             Object::Node(_) => Kind::Node,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
@@ -132,6 +168,7 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Namespace(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
         }
     }
 
@@ -142,6 +179,7 @@ impl Object {
             Object::Pod(o) => &mut o.metadata,
             Object::Namespace(o) => &mut o.metadata,
             Object::Node(o) => &mut o.metadata,
+            Object::NetworkPolicy(o) => &mut o.metadata,
         }
     }
 
@@ -159,7 +197,7 @@ macro_rules! impl_from {
         }
     )*};
 }
-impl_from!(Service, EndpointSlice, Pod, Namespace, Node);
+impl_from!(Service, EndpointSlice, Pod, Namespace, Node, NetworkPolicy);
 
 /// One change to the cluster state as a source saw it.
 #[derive(Clone, Debug, PartialEq)]
