@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  source (files | kube watch)          one task per source, async
-//!      │  Vec<Event>  (Apply / Delete / Reset per kind)
+//!      │  Batch of Events  (Apply / Delete / Reset per kind)
 //!      ▼
 //!  index::Index        sync: k8s objects -> validated model types, bad ones skipped + logged
 //!      │  &Index
@@ -15,9 +15,13 @@
 //!      ▼
 //!  MapWriter           datapath::Maps (aya, the kernel) | sync::FakeMaps (tests)
 //! ```
+pub mod agent;
+pub mod config;
 pub mod datapath;
 pub mod desired;
+pub mod health;
 pub mod index;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod sync;

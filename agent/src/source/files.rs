@@ -35,7 +35,7 @@ use k8s_openapi::api::{
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use super::{Event, Kind, Object, ObjectKey};
+use super::{Batch, Event, Kind, Object, ObjectKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -149,7 +149,7 @@ fn is_manifest_name(path: &Path) -> bool {
 ///
 /// A parse error is logged once (until it changes or is fixed) and the previous state stays
 /// in force downstream, since nothing is sent.
-pub async fn run(dir: impl Into<PathBuf>, interval: Duration, tx: mpsc::Sender<Vec<Event>>) {
+pub async fn run(dir: impl Into<PathBuf>, interval: Duration, tx: mpsc::Sender<Batch>) {
     let mut source = FileSource::new(dir);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -179,7 +179,7 @@ pub async fn run(dir: impl Into<PathBuf>, interval: Duration, tx: mpsc::Sender<V
                 if last_error.take().is_some() {
                     tracing::info!(dir = %source.dir().display(), "manifests parse again");
                 }
-                if tx.send(events).await.is_err() {
+                if tx.send(Batch::now(events)).await.is_err() {
                     return;
                 }
             }
@@ -645,10 +645,10 @@ items:
         write(dir.path(), "web.yaml", SVC);
         let (tx, mut rx) = mpsc::channel(4);
         let task = tokio::spawn(run(dir.path().to_path_buf(), Duration::from_millis(10), tx));
-        let first = rx.recv().await.expect("first batch");
+        let first = rx.recv().await.expect("first batch").events;
         assert_eq!(resets(first)[&Kind::Service].len(), 1);
         write(dir.path(), "slice.yaml", SLICE);
-        let second = rx.recv().await.expect("second batch");
+        let second = rx.recv().await.expect("second batch").events;
         assert_eq!(resets(second)[&Kind::EndpointSlice].len(), 1);
         drop(rx);
         tokio::time::timeout(Duration::from_secs(5), task)

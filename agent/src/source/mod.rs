@@ -199,6 +199,20 @@ macro_rules! impl_from {
 }
 impl_from!(Service, EndpointSlice, Pod, Namespace, Node, NetworkPolicy);
 
+/// Events a source hands over together, with the time it received them (for the
+/// event-to-datapath latency).
+#[derive(Debug)]
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub received: std::time::Instant,
+}
+
+impl Batch {
+    pub fn now(events: Vec<Event>) -> Self {
+        Self { events, received: std::time::Instant::now() }
+    }
+}
+
 /// One change to the cluster state as a source saw it.
 #[derive(Clone, Debug, PartialEq)]
 #[expect(

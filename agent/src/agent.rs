@@ -1,0 +1,332 @@
+//! The agent's control loop: batches from a source into the index, the index into the maps.
+//!
+//! [`Agent`] is the synchronous core (no I/O but the [`MapWriter`]), so tests and benchmarks
+//! drive it with [`FakeMaps`](crate::sync::FakeMaps) or the real maps; [`run`] wires it to a
+//! source, the datapath, the health and metrics servers and the signals.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{Config, Source},
+    datapath::Datapath,
+    desired::{self, NodeContext},
+    health::Health,
+    index::Index,
+    metrics::{self, Metrics},
+    source::{self, Batch, Event, Kind, Object, kube::SourceHealth},
+    sync::{MapWriter, Syncer, WriteError},
+};
+
+/// What one successful sync did.
+#[derive(Clone, Debug, Default)]
+pub struct SyncReport {
+    /// Map operations written.
+    pub ops: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    /// For every batch that changed the index since the previous sync: the time from its
+    /// receipt to the end of this sync.
+    pub latencies: Vec<Duration>,
+}
+
+/// Index, translation and sync, with the bookkeeping health and metrics need.
+pub struct Agent {
+    index: Index,
+    syncer: Syncer,
+    node: NodeContext,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    /// Receipt times of the batches not yet programmed.
+    pending: Vec<Instant>,
+    /// Trigger times (EndpointSlice annotation) of the changes not yet programmed.
+    triggers: Vec<SystemTime>,
+    /// (object, reason) pairs already logged, so a skip is reported once, not every sync.
+    reported_skips: BTreeSet<(String, String)>,
+}
+
+impl Agent {
+    pub fn new(node: NodeContext, health: Arc<Health>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            index: Index::new(),
+            syncer: Syncer::new(),
+            node,
+            health,
+            metrics,
+            pending: Vec::new(),
+            triggers: Vec::new(),
+            reported_skips: BTreeSet::new(),
+        }
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Feeds a batch into the index. Returns whether anything changed (a sync is due).
+    pub fn handle(&mut self, batch: Batch) -> bool {
+        let before = self.index.revision();
+        for event in batch.events {
+            match &event {
+                Event::Reset(kind, _) => self.health.listed(*kind),
+                Event::Apply(Object::EndpointSlice(slice)) => {
+                    if let Some(t) = trigger_time(slice) {
+                        self.triggers.push(t);
+                    }
+                }
+                _ => {}
+            }
+            self.index.handle(event);
+        }
+        let changed = self.index.revision() != before;
+        if changed {
+            self.pending.push(batch.received);
+            self.health.pending(batch.received);
+        }
+        changed
+    }
+
+    /// Writes the difference between the index and the maps.
+    pub fn sync(&mut self, maps: &mut impl MapWriter) -> Result<SyncReport, WriteError> {
+        let started = Instant::now();
+        let desired = desired::compute_for(&self.index, &self.node);
+        for (object, reason) in &desired.skipped {
+            if self.reported_skips.insert((object.to_string(), reason.clone())) {
+                warn!(service = %object, %reason, "skipping service");
+            }
+        }
+        let stats = match self.syncer.apply(&desired, maps) {
+            Ok(stats) => stats,
+            Err(e) => {
+                self.metrics.sync_errors.inc();
+                return Err(e);
+            }
+        };
+        let done = Instant::now();
+        let wall = SystemTime::now();
+        self.health.synced(done);
+        let m = &self.metrics;
+        m.sync_duration.observe(metrics::seconds(done - started));
+        let latencies: Vec<Duration> = self.pending.drain(..).map(|r| done - r).collect();
+        for l in &latencies {
+            m.event_programming.observe(metrics::seconds(*l));
+        }
+        for t in self.triggers.drain(..) {
+            // A clock skewed into the future would give a negative latency: not observed.
+            if let Ok(l) = wall.duration_since(t) {
+                m.network_programming.observe(metrics::seconds(l));
+            }
+        }
+        m.frontends.set(stats.services as i64);
+        m.backends.set(stats.backends as i64);
+        for kind in Kind::ALL {
+            let label = metrics::KindLabel { kind: kind.as_str().to_string() };
+            m.objects.get_or_create(&label).set(self.index.len(kind) as i64);
+        }
+        let mut skipped: BTreeMap<&str, usize> = self.index.skipped_counts().into_iter().collect();
+        *skipped.entry("too_many_backends").or_default() += desired.skipped.len();
+        for (reason, n) in skipped {
+            m.skipped.get_or_create(&metrics::ReasonLabel { reason: reason.into() }).set(n as i64);
+        }
+        Ok(SyncReport {
+            ops: stats.ops,
+            frontends: stats.services,
+            backends: stats.backends,
+            latencies,
+        })
+    }
+}
+
+/// The EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`, if valid.
+fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<SystemTime> {
+    let value = slice.metadata.annotations.as_ref()?.get(source::kube::TRIGGER_TIME_ANNOTATION)?;
+    let t: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    let since_epoch =
+        Duration::try_from(t.duration_since(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)).ok()?;
+    Some(SystemTime::UNIX_EPOCH + since_epoch)
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mut datapath = Datapath::load().context("loading the datapath")?;
+    info!("datapath loaded");
+    let health = Arc::new(Health::new(config.healthz_timeout));
+    let metrics = Arc::new(Metrics::new());
+    let source_health = SourceHealth::default();
+    if let Some(cidr) = config.cluster_cidr {
+        info!(cluster_cidr = %cidr, "cluster CIDR");
+    }
+    if let Some(addr) = config.healthz_bind_address {
+        let listener = bind(addr, "healthz").await?;
+        tokio::spawn(log_exit("healthz server", metrics::serve_health(listener, health.clone())));
+    }
+    if let Some(addr) = config.metrics_bind_address {
+        let listener = bind(addr, "metrics").await?;
+        tokio::spawn(log_exit("metrics server", metrics::serve_metrics(listener, metrics.clone())));
+    }
+
+    let (tx, mut rx) = mpsc::channel::<Batch>(1024);
+    match &config.source {
+        Source::Files { dir, poll_interval } => {
+            info!(dir = %dir.display(), "reading cluster state from files");
+            tokio::spawn(source::files::run(dir.clone(), *poll_interval, tx));
+        }
+        Source::Api { kubeconfig } => {
+            let client = client(kubeconfig.as_deref()).await?;
+            let node = config.node_name.clone().expect("the API source always has a node name");
+            info!(node = %node, "watching the API server");
+            let settings = source::kube::Settings::new(node);
+            tokio::spawn(source::kube::run(client, settings, tx, source_health.clone()));
+        }
+    }
+
+    let node = NodeContext { node_name: config.node_name.clone() };
+    let mut agent = Agent::new(node, health, metrics.clone());
+    // A failed write (e.g. a full map) is retried on this tick even if nothing changes.
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    let mut in_sync = true;
+    let mut ifaces = tokio::time::interval(config.iface_interval);
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    let counters_interval = config.counters_interval.max(Duration::from_secs(1));
+    let mut counters = tokio::time::interval(counters_interval);
+    let mut last_counters = BTreeMap::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut stale_logged: BTreeMap<Kind, u64> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            batch = rx.recv() => {
+                let Some(batch) = batch else { anyhow::bail!("the source stopped") };
+                let mut changed = agent.handle(batch);
+                // Take whatever else is queued: one sync for a burst.
+                while let Ok(batch) = rx.try_recv() {
+                    changed |= agent.handle(batch);
+                }
+                if changed || !in_sync {
+                    in_sync = sync(&mut agent, &mut datapath);
+                }
+            }
+            _ = retry.tick(), if !in_sync => in_sync = sync(&mut agent, &mut datapath),
+            _ = ifaces.tick() => {
+                for prefix in &config.iface_prefixes {
+                    match datapath.attach_matching(prefix) {
+                        Ok(new) => for iface in new { info!(%iface, "attached to pod interface") },
+                        Err(e) => warn!(error = %e, "attaching to pod interfaces"),
+                    }
+                }
+            }
+            _ = ticks.tick() => {
+                let now = Instant::now();
+                metrics.observe_source(&source_health, now);
+                log_staleness(&source_health, now, &mut stale_logged);
+            }
+            _ = counters.tick(), if !config.counters_interval.is_zero() => {
+                log_counters(&datapath, &mut last_counters);
+            }
+            _ = &mut shutdown => {
+                info!("shutting down; programs are detached when the agent exits");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn sync(agent: &mut Agent, datapath: &mut Datapath) -> bool {
+    let started = Instant::now();
+    match agent.sync(datapath.maps()) {
+        Ok(report) if report.ops > 0 => {
+            info!(
+                ops = report.ops,
+                frontends = report.frontends,
+                backends = report.backends,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "datapath synced"
+            );
+            true
+        }
+        Ok(_) => {
+            debug!("datapath already in sync");
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "datapath sync failed; retrying in 1s");
+            false
+        }
+    }
+}
+
+/// Logs, every 10 s per kind, how stale a failing watch has made the agent's view.
+fn log_staleness(health: &SourceHealth, now: Instant, logged: &mut BTreeMap<Kind, u64>) {
+    for kind in Kind::ALL {
+        let stale = health.stale_for(kind, now).as_secs();
+        let last = logged.entry(kind).or_default();
+        if stale == 0 {
+            if *last > 0 {
+                info!(%kind, "watch recovered");
+            }
+            *last = 0;
+        } else if stale >= *last + 10 || *last == 0 {
+            let error = health.get(kind).last_error.unwrap_or_default();
+            warn!(%kind, stale_s = stale, %error, "no working watch; the datapath keeps its last state");
+            *last = stale.max(1);
+        }
+    }
+}
+
+async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "no --kubeconfig given and no in-cluster configuration (KUBERNETES_SERVICE_HOST, \
+             service account token)",
+        )?,
+    };
+    kube::Client::try_from(config).context("building the API client")
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} address {addr}"))
+}
+
+async fn log_exit(what: &str, f: impl Future<Output = std::io::Result<()>>) {
+    if let Err(e) = f.await {
+        warn!(error = %e, "{what} stopped");
+    }
+}
+
+/// Logs the packet counters that moved since the last call.
+fn log_counters(datapath: &Datapath, last: &mut BTreeMap<&'static str, u64>) {
+    let Ok(now) = datapath.counters() else { return };
+    let mut moved = Vec::new();
+    for (reason, counter) in now {
+        let prev = last.insert(reason.name(), counter.packets).unwrap_or(0);
+        if counter.packets != prev {
+            moved.push(format!("{}={}", reason.name(), counter.packets));
+        }
+    }
+    if !moved.is_empty() {
+        info!(counters = %moved.join(" "), "datapath packets");
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,326 @@
+//! The agent's settings: command-line flags, environment variables and an optional config
+//! file, in that order of precedence, then the defaults.
+//!
+//! Every setting has a flag (`--node-name`) and an environment variable (`NODE_NAME`, as the
+//! DaemonSet fills it from the downward API); the config file (`--config`, YAML) uses the
+//! same names in camelCase, as kube-proxy's `KubeProxyConfiguration` does
+//! (`healthzBindAddress`, `clusterCIDR`, ...). Unknown keys in the file are an error, so a
+//! misspelt setting is not silently ignored.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{ArgMatches, parser::ValueSource};
+use serde::Deserialize;
+
+use crate::model::Ipv4Cidr;
+
+/// `nodeplane-agent run`'s flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// YAML file with any of these settings in camelCase (e.g. `nodeName: n1`,
+    /// `healthzBindAddress: 0.0.0.0:10256`). Flags and environment variables override it.
+    #[arg(long, env = "NODEPLANE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Read cluster state from this directory of YAML (Services, EndpointSlices, Pods,
+    /// Namespaces, Nodes, NetworkPolicies) instead of the API server; re-read when it
+    /// changes. For labs and clusters without an API server.
+    #[arg(long, env = "NODEPLANE_MANIFESTS", value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+
+    /// Kubeconfig file for the API server. Default: the in-cluster configuration (the pod's
+    /// service account and KUBERNETES_SERVICE_HOST/PORT).
+    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// This node's name, as in the Node object and in Pods' `spec.nodeName`. Default: the
+    /// NODE_NAME environment variable (the DaemonSet sets it from `spec.nodeName`), else the
+    /// host name, as kube-proxy does.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// The cluster's pod network (e.g. 10.244.0.0/16). Traffic leaving it is what
+    /// masquerading applies to; checked and reported at start.
+    #[arg(long, env = "NODEPLANE_CLUSTER_CIDR", value_name = "CIDR")]
+    pub cluster_cidr: Option<Ipv4Cidr>,
+
+    /// Where to serve /healthz and /readyz (kube-proxy's port); empty to disable.
+    #[arg(long, env = "NODEPLANE_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256",
+          value_parser = parse_bind, value_name = "IP:PORT")]
+    pub healthz_bind_address: Bind,
+
+    /// Where to serve Prometheus /metrics (node-local by default); empty to disable.
+    #[arg(long, env = "NODEPLANE_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10249",
+          value_parser = parse_bind, value_name = "IP:PORT")]
+    pub metrics_bind_address: Bind,
+
+    /// /healthz fails (503) when cluster changes have waited longer than this to be
+    /// programmed.
+    #[arg(long, env = "NODEPLANE_HEALTHZ_TIMEOUT", default_value = "60s",
+          value_parser = parse_duration, value_name = "DURATION")]
+    pub healthz_timeout: Duration,
+
+    /// Attach the datapath to interfaces whose names start with one of these
+    /// (comma-separated): the host side of pod veths, which depends on the CNI (`lxc` for
+    /// the lab and Cilium, `veth` for kindnet, flannel and the bridge plugin, `cali` for
+    /// Calico).
+    #[arg(
+        long,
+        env = "NODEPLANE_IFACE_PREFIX",
+        default_value = "lxc",
+        value_delimiter = ',',
+        value_name = "PREFIX,..."
+    )]
+    pub iface_prefix: Vec<String>,
+
+    /// How often to look for changed manifests (with --manifests).
+    #[arg(long, default_value = "200ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub poll_interval: Duration,
+
+    /// How often to look for new pod interfaces.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub iface_interval: Duration,
+
+    /// How often to log datapath counters that changed (0s: never).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub counters_interval: Duration,
+}
+
+/// A bind address, or none to disable a server.
+pub type Bind = Option<SocketAddr>;
+
+fn parse_bind(s: &str) -> Result<Bind, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| format!("{s:?} is not IP:PORT"))
+}
+
+/// `250ms`, `10s`, `5m`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+    }
+}
+
+/// The config file: every setting optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileConfig {
+    manifests: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    node_name: Option<String>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    healthz_bind_address: Option<String>,
+    metrics_bind_address: Option<String>,
+    healthz_timeout: Option<String>,
+    iface_prefix: Option<Vec<String>>,
+    poll_interval: Option<String>,
+    iface_interval: Option<String>,
+    counters_interval: Option<String>,
+}
+
+/// Where cluster state comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// A directory of YAML, polled.
+    Files { dir: PathBuf, poll_interval: Duration },
+    /// The API server: from a kubeconfig file, or in-cluster.
+    Api { kubeconfig: Option<PathBuf> },
+}
+
+/// The resolved settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub source: Source,
+    /// Known when given or read from the host name; `None` only with the file source and
+    /// no name given (then `internalTrafficPolicy: Local` acts as `Cluster`).
+    pub node_name: Option<String>,
+    pub cluster_cidr: Option<Ipv4Cidr>,
+    pub healthz_bind_address: Bind,
+    pub metrics_bind_address: Bind,
+    pub healthz_timeout: Duration,
+    pub iface_prefixes: Vec<String>,
+    pub iface_interval: Duration,
+    pub counters_interval: Duration,
+}
+
+impl Config {
+    /// Resolves `args` (parsed from `matches`, which tells where each value came from) with
+    /// the config file, if any.
+    pub fn resolve(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, matches, file)
+    }
+
+    fn merge(mut args: RunArgs, matches: &ArgMatches, file: FileConfig) -> anyhow::Result<Self> {
+        // A value given on the command line or in the environment wins over the file.
+        let given = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        let bad = |key: &str, e: String| anyhow::anyhow!("config file: {key}: {e}");
+        macro_rules! from_file {
+            ($field:ident, $key:literal, |$v:ident| $conv:expr) => {
+                if !given(stringify!($field)) {
+                    if let Some($v) = file.$field {
+                        args.$field = $conv.map_err(|e: String| bad($key, e))?;
+                    }
+                }
+            };
+        }
+        from_file!(manifests, "manifests", |v| Ok(Some(v)));
+        from_file!(kubeconfig, "kubeconfig", |v| Ok(Some(v)));
+        from_file!(node_name, "nodeName", |v| Ok(Some(v)));
+        from_file!(cluster_cidr, "clusterCIDR", |v| v
+            .parse::<Ipv4Cidr>()
+            .map(Some)
+            .map_err(|e| e.to_string()));
+        from_file!(healthz_bind_address, "healthzBindAddress", |v| parse_bind(&v));
+        from_file!(metrics_bind_address, "metricsBindAddress", |v| parse_bind(&v));
+        from_file!(healthz_timeout, "healthzTimeout", |v| parse_duration(&v));
+        from_file!(iface_prefix, "ifacePrefix", |v| Ok(v));
+        from_file!(poll_interval, "pollInterval", |v| parse_duration(&v));
+        from_file!(iface_interval, "ifaceInterval", |v| parse_duration(&v));
+        from_file!(counters_interval, "countersInterval", |v| parse_duration(&v));
+
+        let node_name = args.node_name.filter(|n| !n.is_empty());
+        let (source, node_name) = match args.manifests {
+            Some(dir) => (Source::Files { dir, poll_interval: args.poll_interval }, node_name),
+            None => {
+                let node_name = match node_name {
+                    Some(n) => n,
+                    None => host_name().context(
+                        "no --node-name (or NODE_NAME) given and the host name is unreadable",
+                    )?,
+                };
+                (Source::Api { kubeconfig: args.kubeconfig }, Some(node_name))
+            }
+        };
+        let iface_prefixes: Vec<String> =
+            args.iface_prefix.into_iter().filter(|p| !p.is_empty()).collect();
+        anyhow::ensure!(!iface_prefixes.is_empty(), "--iface-prefix: at least one prefix needed");
+        Ok(Self {
+            source,
+            node_name,
+            cluster_cidr: args.cluster_cidr,
+            healthz_bind_address: args.healthz_bind_address,
+            metrics_bind_address: args.metrics_bind_address,
+            healthz_timeout: args.healthz_timeout,
+            iface_prefixes,
+            iface_interval: args.iface_interval,
+            counters_interval: args.counters_interval,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// The host name in lower case, as kube-proxy derives the node name.
+fn host_name() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    let name = name.trim().to_lowercase();
+    anyhow::ensure!(!name.is_empty(), "empty host name");
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, FromArgMatches as _, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn resolve(argv: &[&str], file: &str) -> anyhow::Result<Config> {
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("agent").chain(argv.iter().copied()))?;
+        let args = Cli::from_arg_matches(&matches)?.run;
+        let file: FileConfig =
+            if file.is_empty() { FileConfig::default() } else { serde_yaml::from_str(file)? };
+        Config::merge(args, &matches, file)
+    }
+
+    #[test]
+    fn defaults_are_kube_proxys_ports() {
+        let c = resolve(&["--node-name", "n1"], "").unwrap();
+        assert_eq!(
+            c.source,
+            Source::Api { kubeconfig: std::env::var_os("KUBECONFIG").map(PathBuf::from) }
+        );
+        assert_eq!(c.node_name.as_deref(), Some("n1"));
+        assert_eq!(c.healthz_bind_address, Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(c.metrics_bind_address, Some("127.0.0.1:10249".parse().unwrap()));
+        assert_eq!(c.iface_prefixes, ["lxc"]);
+    }
+
+    #[test]
+    fn the_file_beats_defaults_and_flags_beat_the_file() {
+        let file = "nodeName: from-file\nmetricsBindAddress: 0.0.0.0:9999\n\
+                    clusterCIDR: 10.244.0.0/16\nifacePrefix: [veth, cali]\nhealthzTimeout: 5s\n";
+        let c = resolve(&["--node-name", "from-flag"], file).unwrap();
+        assert_eq!(c.node_name.as_deref(), Some("from-flag"));
+        assert_eq!(c.metrics_bind_address, Some("0.0.0.0:9999".parse().unwrap()));
+        assert_eq!(c.cluster_cidr, Some("10.244.0.0/16".parse().unwrap()));
+        assert_eq!(c.iface_prefixes, ["veth", "cali"]);
+        assert_eq!(c.healthz_timeout, Duration::from_secs(5));
+        let c = resolve(&["--metrics-bind-address", "127.0.0.1:1"], file).unwrap();
+        assert_eq!(c.metrics_bind_address, Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(c.node_name.as_deref(), Some("from-file"));
+    }
+
+    #[test]
+    fn empty_bind_address_disables_a_server() {
+        let c = resolve(&["--node-name=n", "--metrics-bind-address="], "").unwrap();
+        assert_eq!(c.metrics_bind_address, None);
+    }
+
+    #[test]
+    fn bad_settings_are_clear_errors() {
+        let e = resolve(&["--node-name=n"], "nodeNmae: typo\n").unwrap_err();
+        assert!(e.to_string().contains("nodeNmae"), "{e:#}");
+        let e = resolve(&["--node-name=n"], "clusterCIDR: 10.244.0.1/16\n").unwrap_err();
+        assert!(e.to_string().contains("clusterCIDR"), "{e:#}");
+        assert!(resolve(&["--cluster-cidr", "10.0.0.0/33"], "").is_err());
+        assert!(resolve(&["--healthz-bind-address", "10256"], "").is_err());
+        assert!(resolve(&["--node-name=n", "--iface-prefix="], "").is_err());
+    }
+
+    #[test]
+    fn manifests_select_the_file_source_and_need_no_node_name() {
+        let c = resolve(&["--manifests", "/tmp/m"], "").unwrap();
+        assert_eq!(
+            c.source,
+            Source::Files { dir: "/tmp/m".into(), poll_interval: Duration::from_millis(200) }
+        );
+        let c = resolve(&[], "manifests: /tmp/x\nnodeName: n2\n").unwrap();
+        assert_eq!(c.node_name.as_deref(), Some("n2"));
+        assert!(matches!(c.source, Source::Files { .. }));
+    }
+}

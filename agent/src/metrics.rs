@@ -1,0 +1,223 @@
+//! Prometheus metrics of the agent, and the HTTP servers for them and for health.
+//!
+//! Names follow Prometheus conventions (base units, `_seconds`, `_total`). This set
+//! is about the control plane: how fresh the sources are and how fast changes reach the
+//! maps. Datapath counters and map occupancy join them with the operability work.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use std::sync::atomic::AtomicU64;
+use tokio::net::TcpListener;
+
+use crate::{health::Health, source::Kind, source::kube::SourceHealth};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// The agent's metrics. Cheap to update; encoded on scrape.
+pub struct Metrics {
+    registry: Registry,
+    /// Time from a change's trigger (EndpointSlice annotation) to the maps.
+    pub network_programming: Histogram,
+    /// Time from the agent receiving a change to the maps.
+    pub event_programming: Histogram,
+    pub sync_duration: Histogram,
+    pub sync_errors: Counter,
+    pub source_stale: Family<KindLabel, Gauge<f64, AtomicU64>>,
+    pub source_errors: Family<KindLabel, Counter>,
+    pub source_lists: Family<KindLabel, Counter>,
+    pub objects: Family<KindLabel, Gauge>,
+    pub skipped: Family<ReasonLabel, Gauge>,
+    pub frontends: Gauge,
+    pub backends: Gauge,
+    /// Last seen totals of the source's counters, to add only the difference.
+    seen: Mutex<BTreeMap<Kind, (u64, u64)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nodeplane");
+        // 1 ms .. ~65 s.
+        let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        let m = Self {
+            network_programming: latency(),
+            event_programming: latency(),
+            sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            sync_errors: Counter::default(),
+            source_stale: Family::default(),
+            source_errors: Family::default(),
+            source_lists: Family::default(),
+            objects: Family::default(),
+            skipped: Family::default(),
+            frontends: Gauge::default(),
+            backends: Gauge::default(),
+            seen: Mutex::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "network_programming_duration_seconds",
+            "Time from a change's trigger (the EndpointSlice's last-change-trigger-time) until the datapath maps reflect it",
+            m.network_programming.clone(),
+        );
+        registry.register(
+            "event_programming_duration_seconds",
+            "Time from the agent receiving a change until the datapath maps reflect it",
+            m.event_programming.clone(),
+        );
+        registry.register(
+            "sync_duration_seconds",
+            "Time to compute and write one sync of the service maps",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "sync_errors",
+            "Syncs that failed to write the maps",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "source_stale_seconds",
+            "How long a watched kind has been without a working watch (0 while it works)",
+            m.source_stale.clone(),
+        );
+        registry.register(
+            "source_watch_errors",
+            "Watch failures per kind",
+            m.source_errors.clone(),
+        );
+        registry.register("source_lists", "Completed (re)lists per kind", m.source_lists.clone());
+        registry.register("objects", "Objects held in the index per kind", m.objects.clone());
+        registry.register(
+            "skipped_objects",
+            "Objects (or parts) not programmed because they are invalid, by reason",
+            m.skipped.clone(),
+        );
+        registry.register(
+            "service_frontends",
+            "Service frontends (VIP, port, protocol) programmed",
+            m.frontends.clone(),
+        );
+        registry.register(
+            "service_backends",
+            "Backends programmed, summed over frontends",
+            m.backends.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Copies the watches' state into the source metrics.
+    pub fn observe_source(&self, health: &SourceHealth, now: Instant) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for kind in Kind::ALL {
+            let label = KindLabel { kind: kind.as_str().to_string() };
+            let h = health.get(kind);
+            self.source_stale.get_or_create(&label).set(health.stale_for(kind, now).as_secs_f64());
+            let (errors, lists) = seen.entry(kind).or_default();
+            self.source_errors.get_or_create(&label).inc_by(h.errors.saturating_sub(*errors));
+            self.source_lists.get_or_create(&label).inc_by(h.lists.saturating_sub(*lists));
+            (*errors, *lists) = (h.errors, h.lists);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Seconds as a histogram value.
+pub fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Serves `/metrics` on `listener` until the process ends.
+pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    m.encode(),
+                )
+            }),
+        )
+        .with_state(metrics);
+    axum::serve(listener, app).await
+}
+
+/// Serves `/healthz` and `/readyz` on `listener` until the process ends.
+pub async fn serve_health(listener: TcpListener, health: Arc<Health>) -> std::io::Result<()> {
+    fn answer(v: crate::health::Verdict) -> impl IntoResponse {
+        let code = if v.ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        (code, v.detail + "\n")
+    }
+    let app = Router::new()
+        .route(
+            "/healthz",
+            get(|State(h): State<Arc<Health>>| async move { answer(h.healthz(Instant::now())) }),
+        )
+        .route("/readyz", get(|State(h): State<Arc<Health>>| async move { answer(h.readyz()) }))
+        .with_state(health);
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_documented_names() {
+        let m = Metrics::new();
+        m.event_programming.observe(0.003);
+        m.observe_source(&SourceHealth::default(), Instant::now());
+        let text = m.encode();
+        for name in [
+            "nodeplane_network_programming_duration_seconds_bucket",
+            "nodeplane_event_programming_duration_seconds_count 1",
+            "nodeplane_sync_errors_total",
+            "nodeplane_source_stale_seconds{kind=\"Service\"} 0.0",
+            "nodeplane_source_watch_errors_total{kind=\"Pod\"}",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}
