@@ -98,7 +98,7 @@ impl Agent {
         let desired = desired::compute_for(&self.index, &self.node);
         for (object, reason) in &desired.skipped {
             if self.reported_skips.insert((object.to_string(), reason.clone())) {
-                warn!(service = %object, %reason, "skipping service");
+                warn!(service = %object, %reason, "not programmed");
             }
         }
         let stats = match self.syncer.apply(&desired, maps) {
@@ -130,7 +130,7 @@ impl Agent {
             m.objects.get_or_create(&label).set(self.index.len(kind) as i64);
         }
         let mut skipped: BTreeMap<&str, usize> = self.index.skipped_counts().into_iter().collect();
-        *skipped.entry("too_many_backends").or_default() += desired.skipped.len();
+        *skipped.entry("service_conflict").or_default() += desired.skipped.len();
         for (reason, n) in skipped {
             m.skipped.get_or_create(&metrics::ReasonLabel { reason: reason.into() }).set(n as i64);
         }

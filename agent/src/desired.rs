@@ -53,8 +53,8 @@ use crate::{
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<ServiceKeyV4, Frontend>,
-    /// Services (or frontends of them) left out, and why. Recomputed every time: callers
-    /// that log it should log changes only.
+    /// Services, frontends or backends left out, and why; sorted. Recomputed every time:
+    /// callers that log it should log changes only.
     pub skipped: Vec<(ObjectKey, String)>,
 }
 
@@ -138,9 +138,16 @@ fn compute_with(
     policy_local: &dyn Fn(&Service) -> bool,
 ) -> Desired {
     let mut desired = Desired::default();
+    // A backend must never be a ClusterIP: the datapath translates once, so such a backend
+    // would be a dead end (or, with a later hop, a loop).
+    let vips: BTreeMap<Ipv4Addr, &ObjectKey> = index
+        .services()
+        .flat_map(|s| s.cluster_ips_v4.iter().map(move |ip| (*ip, &s.key)))
+        .collect();
     for service in index.services() {
         let scope = Scope::new(policy_local(service), node);
-        let frontends = match service_frontends(index, service, scope) {
+        let frontends = match service_frontends(index, service, scope, &vips, &mut desired.skipped)
+        {
             Ok(frontends) => frontends,
             Err(reason) => {
                 desired.skipped.push((service.key.clone(), reason));
@@ -165,18 +172,32 @@ fn compute_with(
             }
         }
     }
+    desired.skipped.sort();
+    desired.skipped.dedup();
     desired
 }
 
-/// All frontends of one Service, or why the Service is skipped.
+/// All frontends of one Service, or why the Service is skipped. Backends left out are
+/// noted in `notes`.
 fn service_frontends(
     index: &Index,
     service: &Service,
     scope: Scope<'_>,
+    vips: &BTreeMap<Ipv4Addr, &ObjectKey>,
+    notes: &mut Vec<(ObjectKey, String)>,
 ) -> Result<Vec<(ServiceKeyV4, Frontend)>, String> {
     let mut out = Vec::new();
     for port in &service.ports {
-        let backends = backends_for(index, service, port, scope);
+        let mut backends = backends_for(index, service, port, scope);
+        backends.retain(|b| {
+            let addr = Ipv4Addr::from(b.addr);
+            let Some(owner) = vips.get(&addr) else { return true };
+            notes.push((
+                service.key.clone(),
+                format!("endpoint {addr} is the ClusterIP of {owner}; not used as a backend"),
+            ));
+            false
+        });
         if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
             return Err(format!(
                 "port {} has {} backends, more than the datapath's {MAX_BACKENDS_PER_SERVICE}",
@@ -550,6 +571,29 @@ mod tests {
         assert_eq!(d.frontends[&tcp(80)].service.name, "web");
         assert_eq!(d.skipped.len(), 1);
         assert!(d.skipped[0].1.contains("10.96.0.10:80/TCP"), "{:?}", d.skipped);
+    }
+
+    #[test]
+    fn a_backend_that_is_a_cluster_ip_is_left_out_with_a_note() {
+        let other = mk_service("default", "db", "10.96.0.20", &[("", 5432, "")]);
+        let slices = vec![mk_slice(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080, "")],
+            vec![ready("10.0.0.1"), ready("10.96.0.20")],
+        )];
+        let mut index = index_with(web(), slices);
+        index.apply(other);
+        let d = compute(&index);
+        assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.1", 8080)]);
+        assert_eq!(d.skipped.len(), 1, "one note, not one per port: {:?}", d.skipped);
+        assert_eq!(d.skipped[0].0, ObjectKey::namespaced("default", "web"));
+        assert!(
+            d.skipped[0].1.contains("10.96.0.20 is the ClusterIP of default/db"),
+            "{:?}",
+            d.skipped
+        );
     }
 
     // --- node-aware rules (internalTrafficPolicy) ---

@@ -50,6 +50,10 @@ pub enum SkipReason {
     MissingServiceName,
     #[error("endpoint address {address:?} is not a canonical IPv4 address; skipping the endpoint")]
     InvalidEndpointAddress { address: String },
+    #[error("endpoint address {address} is {why}, never a pod; skipping the endpoint")]
+    ForbiddenEndpointAddress { address: String, why: &'static str },
+    #[error("{SERVICE_NAME_LABEL} {name:?} is not a valid Service name; skipping the slice")]
+    InvalidServiceName { name: String },
 }
 
 impl SkipReason {
@@ -61,6 +65,8 @@ impl SkipReason {
             SkipReason::InvalidPort { .. } => "invalid_port",
             SkipReason::MissingServiceName => "missing_service_name",
             SkipReason::InvalidEndpointAddress { .. } => "invalid_endpoint_address",
+            SkipReason::ForbiddenEndpointAddress { .. } => "forbidden_endpoint_address",
+            SkipReason::InvalidServiceName { .. } => "invalid_service_name",
         }
     }
 }
@@ -364,7 +370,11 @@ fn convert_service(
             if !cluster_ips_v4.contains(&v4) {
                 cluster_ips_v4.push(v4);
             }
-        } else if ip.parse::<Ipv6Addr>().is_err() {
+        } else if ip.parse::<Ipv6Addr>().is_ok_and(|v6| v6.to_ipv4_mapped().is_none()) {
+            // A genuine IPv6 address: the v6 family is not programmed (yet), not an error.
+        } else {
+            // Not an address, a non-canonical one, or an IPv4-mapped IPv6 (`::ffff:a.b.c.d`),
+            // which the API rejects and whose meaning differs between parsers.
             skips.push(SkipReason::InvalidClusterIp { ip: ip.to_string() });
             return None;
         }
@@ -414,6 +424,12 @@ fn convert_slice(
         skips.push(SkipReason::MissingServiceName);
         return None;
     };
+    // A Service name is a DNS-1035 label. Anything else (`other-ns/web`, say) cannot name a
+    // Service, least of all one in another namespace: slices only ever serve their own.
+    if !is_dns1035_label(service_name) {
+        skips.push(SkipReason::InvalidServiceName { name: service_name.clone() });
+        return None;
+    }
     let mut ports = Vec::new();
     for p in slice.ports.iter().flatten() {
         match convert_port(p.name.as_deref(), p.port, p.protocol.as_deref()) {
@@ -432,6 +448,10 @@ fn convert_slice(
             skips.push(SkipReason::InvalidEndpointAddress { address: address.to_string() });
             continue;
         };
+        if let Some(why) = forbidden_endpoint(addr) {
+            skips.push(SkipReason::ForbiddenEndpointAddress { address: address.to_string(), why });
+            continue;
+        }
         let conditions = ep.conditions.as_ref();
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
         let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
@@ -445,6 +465,32 @@ fn convert_slice(
         });
     }
     Some(EndpointSlice { key: key.clone(), service_name: service_name.clone(), ports, endpoints })
+}
+
+/// Addresses the API server refuses as endpoints (`ValidateEndpointIP`): sending Service
+/// traffic there would reach the node itself or nothing.
+fn forbidden_endpoint(addr: std::net::Ipv4Addr) -> Option<&'static str> {
+    if addr.is_unspecified() {
+        Some("unspecified")
+    } else if addr.is_loopback() {
+        Some("loopback")
+    } else if addr.is_link_local() {
+        Some("link-local")
+    } else if addr.is_multicast() || addr.is_broadcast() {
+        Some("multicast or broadcast")
+    } else {
+        None
+    }
+}
+
+/// RFC 1035 label as Kubernetes checks Service names: 1-63 of `[a-z0-9-]`, starting with a
+/// letter and not ending with `-`.
+fn is_dns1035_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=63).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1] != b'-'
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 fn convert_pod(key: &ObjectKey, pod: &corev1::Pod) -> Pod {
@@ -692,7 +738,7 @@ mod tests {
     #[test]
     fn invalid_cluster_ips_skip_the_service_with_a_reason() {
         let mut index = Index::new();
-        for (i, ip) in ["10.0.0.01", "1.2.3", ""].into_iter().enumerate() {
+        for (i, ip) in ["10.0.0.01", "1.2.3", "", "::ffff:10.96.0.1"].into_iter().enumerate() {
             let name = format!("s{i}");
             index.apply(mk_service("default", &name, ip, &[("", 80, "")]));
             assert_eq!(
@@ -701,7 +747,37 @@ mod tests {
             );
         }
         assert_eq!(index.services().count(), 0);
-        assert_eq!(index.skipped_counts(), BTreeMap::from([("invalid_cluster_ip", 3)]));
+        assert_eq!(index.skipped_counts(), BTreeMap::from([("invalid_cluster_ip", 4)]));
+    }
+
+    #[test]
+    fn endpoints_the_api_forbids_are_skipped_one_by_one() {
+        let mut index = Index::new();
+        let addrs = ["0.0.0.0", "127.0.0.1", "169.254.169.254", "224.0.0.1", "10.0.0.7"];
+        let eps = addrs.iter().map(|a| ready(a)).collect();
+        index.apply(mk_slice("default", "web-1", "web", &[("http", 8080, "")], eps));
+        let slice = index.slices_for(&key("default", "web")).next().expect("slice kept");
+        let kept: Vec<_> = slice.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(kept, ["10.0.0.7"]);
+        let reasons = skips_of(&index, Kind::EndpointSlice, &key("default", "web-1"));
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(reasons.iter().all(|r| r.label() == "forbidden_endpoint_address"), "{reasons:?}");
+        assert!(reasons[2].to_string().contains("169.254.169.254 is link-local"), "{}", reasons[2]);
+    }
+
+    #[test]
+    fn a_slice_cannot_name_a_service_elsewhere() {
+        let mut index = Index::new();
+        for (i, name) in ["default/web", "Web", "-web", "web-", &"w".repeat(64)].iter().enumerate()
+        {
+            index.apply(mk_slice("evil", &format!("s{i}"), name, &[], vec![ready("10.0.0.9")]));
+            assert_eq!(
+                skips_of(&index, Kind::EndpointSlice, &key("evil", &format!("s{i}"))),
+                vec![SkipReason::InvalidServiceName { name: name.to_string() }]
+            );
+        }
+        assert_eq!(index.slices().count(), 0);
+        assert!(is_dns1035_label("web-2") && is_dns1035_label(&"w".repeat(63)));
     }
 
     #[test]
