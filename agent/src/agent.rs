@@ -17,6 +17,7 @@ use crate::{
     config::{Config, Source},
     datapath::Datapath,
     desired::{self, NodeContext},
+    events::NodeEvents,
     health::Health,
     index::Index,
     metrics::{self, Metrics},
@@ -172,22 +173,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (tx, mut rx) = mpsc::channel::<Batch>(1024);
-    match &config.source {
+    let events = match &config.source {
         Source::Files { dir, poll_interval } => {
             info!(dir = %dir.display(), "reading cluster state from files");
             tokio::spawn(source::files::run(dir.clone(), *poll_interval, tx));
+            NodeEvents::disabled()
         }
         Source::Api { kubeconfig } => {
             let client = client(kubeconfig.as_deref()).await?;
             let node = config.node_name.clone().expect("the API source always has a node name");
             info!(node = %node, "watching the API server");
+            let events = NodeEvents::start(client.clone(), &node);
             let settings = source::kube::Settings::new(node);
             tokio::spawn(source::kube::run(client, settings, tx, source_health.clone()));
+            events
         }
-    }
+    };
+    events.normal("Starting", format!("Starting nodeplane-agent {}", env!("CARGO_PKG_VERSION")));
+    let mut announced_ready = false;
 
     let node = NodeContext { node_name: config.node_name.clone() };
-    let mut agent = Agent::new(node, health, metrics.clone());
+    let mut agent = Agent::new(node, health.clone(), metrics.clone());
     // A failed write (e.g. a full map) is retried on this tick even if nothing changes.
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     let mut in_sync = true;
@@ -208,10 +214,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     changed |= agent.handle(batch);
                 }
                 if changed || !in_sync {
-                    in_sync = sync(&mut agent, &mut datapath);
+                    in_sync = sync(&mut agent, &mut datapath, &events);
+                }
+                if !announced_ready && health.readyz().ok {
+                    announced_ready = true;
+                    let frontends = agent.index().services().count();
+                    info!(services = frontends, "first full sync programmed; ready");
+                    events.normal("Ready", format!("Datapath programmed with {frontends} Services"));
                 }
             }
-            _ = retry.tick(), if !in_sync => in_sync = sync(&mut agent, &mut datapath),
+            _ = retry.tick(), if !in_sync => in_sync = sync(&mut agent, &mut datapath, &events),
             _ = ifaces.tick() => {
                 for prefix in &config.iface_prefixes {
                     match datapath.attach_matching(prefix) {
@@ -223,7 +235,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = ticks.tick() => {
                 let now = Instant::now();
                 metrics.observe_source(&source_health, now);
-                log_staleness(&source_health, now, &mut stale_logged);
+                log_staleness(&source_health, now, &mut stale_logged, &events);
             }
             _ = counters.tick(), if !config.counters_interval.is_zero() => {
                 log_counters(&datapath, &mut last_counters);
@@ -236,7 +248,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 }
 
-fn sync(agent: &mut Agent, datapath: &mut Datapath) -> bool {
+fn sync(agent: &mut Agent, datapath: &mut Datapath, events: &NodeEvents) -> bool {
     let started = Instant::now();
     match agent.sync(datapath.maps()) {
         Ok(report) if report.ops > 0 => {
@@ -255,13 +267,19 @@ fn sync(agent: &mut Agent, datapath: &mut Datapath) -> bool {
         }
         Err(e) => {
             warn!(error = %e, "datapath sync failed; retrying in 1s");
+            events.warning("SyncFailed", format!("Datapath sync failed: {e}"));
             false
         }
     }
 }
 
 /// Logs, every 10 s per kind, how stale a failing watch has made the agent's view.
-fn log_staleness(health: &SourceHealth, now: Instant, logged: &mut BTreeMap<Kind, u64>) {
+fn log_staleness(
+    health: &SourceHealth,
+    now: Instant,
+    logged: &mut BTreeMap<Kind, u64>,
+    events: &NodeEvents,
+) {
     for kind in Kind::ALL {
         let stale = health.stale_for(kind, now).as_secs();
         let last = logged.entry(kind).or_default();
@@ -272,6 +290,9 @@ fn log_staleness(health: &SourceHealth, now: Instant, logged: &mut BTreeMap<Kind
             *last = 0;
         } else if stale >= *last + 10 || *last == 0 {
             let error = health.get(kind).last_error.unwrap_or_default();
+            if *last == 0 {
+                events.warning("WatchFailed", format!("Watching {kind}s failed: {error}"));
+            }
             warn!(%kind, stale_s = stale, %error, "no working watch; the datapath keeps its last state");
             *last = stale.max(1);
         }

@@ -19,6 +19,7 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod desired;
+pub mod events;
 pub mod health;
 pub mod index;
 pub mod metrics;
