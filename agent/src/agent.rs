@@ -132,6 +132,8 @@ impl Agent {
         }
         let mut skipped: BTreeMap<&str, usize> = self.index.skipped_counts().into_iter().collect();
         *skipped.entry("service_conflict").or_default() += desired.skipped.len();
+        // Reasons that no longer occur must read 0, not their last value.
+        m.skipped.clear();
         for (reason, n) in skipped {
             m.skipped.get_or_create(&metrics::ReasonLabel { reason: reason.into() }).set(n as i64);
         }

@@ -58,9 +58,11 @@ impl Datapath {
     /// Loads with a caller-prepared loader (tests shrink map sizes, later versions pin).
     pub fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self, DatapathError> {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        let prog = from_pod_mut(&mut ebpf)?;
-        prog.load()
-            .map_err(|source| DatapathError::Program { name: names::PROG_FROM_POD, source })?;
+        for name in PROGRAMS.map(|(name, _)| name) {
+            classifier_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
         let maps = Maps {
             services: take_map(&mut ebpf, names::SERVICES_V4)?,
             slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,
@@ -73,18 +75,23 @@ impl Datapath {
 
     /// The `from_pod` program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn program(&self) -> &SchedClassifier {
+        self.program_named(names::PROG_FROM_POD)
+    }
+
+    /// One of [`PROGRAMS`] by name.
+    pub fn program_named(&self, name: &str) -> &SchedClassifier {
         self.ebpf
-            .program(names::PROG_FROM_POD)
+            .program(name)
             .and_then(|p| p.try_into().ok())
-            .expect("from_pod was loaded as a SchedClassifier in load_with")
+            .unwrap_or_else(|| panic!("{name} was loaded as a SchedClassifier in load_with"))
     }
 
     pub fn maps(&mut self) -> &mut Maps {
         &mut self.maps
     }
 
-    /// Attaches `from_pod` to the ingress of every interface whose name starts with
-    /// `prefix` and that is not attached yet. Returns the newly attached names.
+    /// Attaches [`PROGRAMS`] to every interface whose name starts with `prefix` and that is
+    /// not attached yet. Returns the newly attached names.
     pub fn attach_matching(&mut self, prefix: &str) -> Result<Vec<String>, DatapathError> {
         let names = interface_names().map_err(DatapathError::Interfaces)?;
         let mut new = Vec::new();
@@ -92,10 +99,12 @@ impl Datapath {
             if self.attached.contains(&name) {
                 continue;
             }
-            let prog = from_pod_mut(&mut self.ebpf)?;
-            // tcx (kernel >= 6.6) needs no clsact qdisc; aya falls back to netlink below.
-            prog.attach(&name, TcAttachType::Ingress)
-                .map_err(|source| DatapathError::Attach { iface: name.clone(), source })?;
+            for (prog, hook) in PROGRAMS {
+                // tcx (kernel >= 6.6) needs no clsact qdisc; aya falls back to netlink below.
+                classifier_mut(&mut self.ebpf, prog)?
+                    .attach(&name, hook)
+                    .map_err(|source| DatapathError::Attach { iface: name.clone(), source })?;
+            }
             self.attached.insert(name.clone());
             new.push(name);
         }
@@ -144,8 +153,15 @@ impl MapWriter for Maps {
     }
 }
 
-fn from_pod_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
-    let name = names::PROG_FROM_POD;
+/// The programs and where they attach on a pod's host-side veth: ingress is what the pod
+/// sends, egress what it receives.
+pub const PROGRAMS: [(&str, TcAttachType); 2] =
+    [(names::PROG_FROM_POD, TcAttachType::Ingress), (names::PROG_TO_POD, TcAttachType::Egress)];
+
+fn classifier_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
     ebpf.program_mut(name)
         .ok_or(DatapathError::Program {
             name,

@@ -15,6 +15,11 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::debug;
 
+/// The API group, resource and verbs the recorder uses (kube's `Recorder` creates
+/// `events.k8s.io/v1` Events and patches them into a series when they repeat): exactly what
+/// the ClusterRole grants besides [`WATCHED`](crate::source::WATCHED).
+pub const RECORDED: (&str, &str, [&str; 2]) = ("events.k8s.io", "events", ["create", "patch"]);
+
 /// A handle to record Events on this agent's Node.
 #[derive(Clone, Debug)]
 pub struct NodeEvents {

@@ -161,8 +161,10 @@ pub mod names {
     pub const BACKENDS_V4: &str = "BACKENDS_V4";
     pub const CT_V4: &str = "CT_V4";
     pub const COUNTERS: &str = "COUNTERS";
-    /// The tc program attached to the host side of every pod veth.
+    /// The tc program on the ingress of the host side of every pod veth (what pods send).
     pub const PROG_FROM_POD: &str = "from_pod";
+    /// The tc program on the egress of the same interfaces (what is delivered to pods).
+    pub const PROG_TO_POD: &str = "to_pod";
 }
 
 #[cfg(feature = "user")]

@@ -1,7 +1,8 @@
 //! The kernel side of nodeplane.
 //!
-//! One tc program, `from_pod`, sits on the ingress hook of the host side of every pod veth:
-//! it sees every packet a pod sends. Per packet:
+//! Two tc programs sit on the host side of every pod veth. `from_pod` (ingress) sees every
+//! packet a pod sends; `to_pod` (egress) every packet delivered to a pod. `from_pod`, per
+//! packet:
 //!
 //! ```text
 //! parse ─► service lookup ─┬─ hit ─► conntrack (ORIGINAL) ─┬─ live ─► DNAT (established)
@@ -9,6 +10,12 @@
 //!                          └─ miss ─► conntrack (REPLY) ─┬─ hit ─► reverse NAT (src := VIP)
 //!                                                        └─ miss ─► pass untouched
 //! ```
+//! `to_pod` only reverse-translates: a reply whose conntrack entry this node created gets its
+//! source set back to the VIP, wherever the backend is. That is what makes backends on other
+//! nodes and on the host network work: their replies never cross the ingress of a local pod
+//! veth, but they always cross the client's veth on the way in. (A reply from a local
+//! backend pod is already reverse-translated by `from_pod` and passes `to_pod` untouched.)
+//!
 //! Every outcome is a [`Reason`]; the entry point counts it and turns it into a tc action.
 #![no_std]
 #![no_main]
@@ -46,6 +53,28 @@ fn try_from_pod(ctx: &TcContext) -> Result<Reason, Reason> {
     if let Some(svc) = lb::lookup_service(&pkt) {
         return lb::forward(ctx, &pkt, svc);
     }
+    if let Some(rev) = ct::lookup_reply(&pkt) {
+        nat::rev_snat(ctx, &pkt, rev.vip, rev.vport)?;
+        return Ok(Reason::RevNat);
+    }
+    Ok(Reason::PassNotService)
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    let reason = match try_to_pod(&ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    metrics::count(reason, ctx.len());
+    if reason.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
+}
+
+#[inline(always)]
+fn try_to_pod(ctx: &TcContext) -> Result<Reason, Reason> {
+    let pkt = match parse::parse(ctx)? {
+        parse::Parsed::Packet(pkt) => pkt,
+        parse::Parsed::Pass(reason) => return Ok(reason),
+    };
     if let Some(rev) = ct::lookup_reply(&pkt) {
         nat::rev_snat(ctx, &pkt, rev.vip, rev.vport)?;
         return Ok(Reason::RevNat);

@@ -1,4 +1,4 @@
-//! Runs the real `from_pod` program on a frame with `BPF_PROG_TEST_RUN`.
+//! Runs the real `from_pod` (or `to_pod`) program on a frame with `BPF_PROG_TEST_RUN`.
 use aya::programs::{TestRun, TestRunOptions};
 use nodeplane_agent::datapath::Datapath;
 
@@ -14,9 +14,14 @@ pub struct Outcome {
 /// One run of the program on `frame` (repeat = 1: with repeat > 1 the kernel would run it
 /// again on the frame it already rewrote).
 pub fn run_once(dp: &Datapath, frame: &[u8]) -> Outcome {
+    run_once_on(dp, nodeplane_common::maps::names::PROG_FROM_POD, frame)
+}
+
+/// [`run_once`] on the program called `program`.
+pub fn run_once_on(dp: &Datapath, program: &str, frame: &[u8]) -> Outcome {
     let mut out = vec![0u8; frame.len() + 256];
     let result = dp
-        .program()
+        .program_named(program)
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),

@@ -1,4 +1,4 @@
-//! BPF_PROG_TEST_RUN tests: the real `from_pod` program on crafted frames, with maps
+//! BPF_PROG_TEST_RUN tests: the real `from_pod` and `to_pod` programs on crafted frames, with maps
 //! written through the agent's own `MapWriter`. Needs root (run with `cargo xtask test`).
 use std::net::Ipv4Addr;
 
@@ -9,13 +9,13 @@ use nodeplane_agent::{
 use nodeplane_common::{
     maps::{
         BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP,
-        SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey,
+        SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey, names,
     },
     reason::Reason,
 };
 use nodeplane_tests::{
     packet::{Frame, TCP_ACK, TCP_SYN, View},
-    run::{TC_ACT_OK, TC_ACT_SHOT, run_once},
+    run::{TC_ACT_OK, TC_ACT_SHOT, run_once, run_once_on},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -135,6 +135,36 @@ fn later_packets_stick_to_the_backend_and_replies_are_reverse_nated() {
         let ack = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_ACK).build();
         let out = View::parse_checked(&expect(&mut dp, &ack, TC_ACT_OK, Reason::NatEstablished));
         assert_eq!(out.dst, backend, "an established flow changed backend");
+    }
+}
+
+/// A backend on another node, or on the host network: its reply does not come out of a
+/// local pod veth, so `from_pod` never sees it; `to_pod`, on the client's veth, does.
+#[test]
+fn to_pod_reverse_translates_replies_from_anywhere_and_nothing_else() {
+    let mut dp = fixture();
+    let syn = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
+    let backend = View::parse_checked(&run_once(&dp, &syn).frame).dst;
+
+    let reply = Frame::tcp(backend, CLIENT, TCP_SYN | TCP_ACK).build();
+    let before = count(&mut dp, Reason::RevNat);
+    let out = run_once_on(&dp, names::PROG_TO_POD, &reply);
+    assert_eq!(out.action, TC_ACT_OK);
+    assert_eq!(count(&mut dp, Reason::RevNat), before + 1);
+    let out = View::parse_checked(&out.frame);
+    assert_eq!(out.src, (VIP, TCP_PORT), "reply must come from the VIP");
+    assert_eq!(out.dst, CLIENT);
+
+    // Already translated (a local backend's reply, done by from_pod), a request arriving at
+    // a backend, unrelated traffic: all untouched.
+    let done = Frame::tcp((VIP, TCP_PORT), CLIENT, TCP_ACK).build();
+    let request = Frame::tcp(CLIENT, backend, TCP_ACK).build();
+    let other = Frame::tcp((Ipv4Addr::new(10, 1, 2, 3), 443), CLIENT, TCP_ACK).build();
+    for frame in [done, request, other] {
+        let before = count(&mut dp, Reason::PassNotService);
+        let out = run_once_on(&dp, names::PROG_TO_POD, &frame);
+        assert_eq!((out.action, out.frame), (TC_ACT_OK, frame));
+        assert_eq!(count(&mut dp, Reason::PassNotService), before + 1);
     }
 }
 

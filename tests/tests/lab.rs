@@ -206,3 +206,45 @@ fn a_manifest_that_does_not_parse_is_reported_and_the_programmed_state_stays() {
     std::fs::remove_file(&broken).expect("removing the broken manifest");
     wait_until(&lab, "the fixed directory is applied", || tcp(&lab, http).is_err());
 }
+
+/// A backend on the host network (here the node's own address, as for the `kubernetes`
+/// Service): its reply is routed to the client's veth without leaving any pod, so only
+/// `to_pod` on the client's veth can turn its source back into the VIP.
+#[test]
+fn a_host_network_backend_answers_through_the_cluster_ip() {
+    let lab = lab();
+    let node_ip = nodeplane_lab::naming::node_ip(lab.slot());
+    let server: Vec<OsString> = vec![
+        bin("NODEPLANE_LAB_BIN").into(),
+        "serve".into(),
+        "--name".into(),
+        "the-node".into(),
+        "--tcp".into(),
+        "9443".into(),
+        "--udp".into(),
+        "9443".into(),
+    ];
+    let mut server =
+        lab.spawn_in_node(&server, "node-server").unwrap_or_else(|e| panic!("node server: {e:#}"));
+    let objects = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{namespace: demo, name: hostnet}}\n\
+         spec: {{ports: [{{name: https, port: 443, protocol: TCP}}, {{name: dns, port: 53, protocol: UDP}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{namespace: demo, name: hostnet-1, labels: {{kubernetes.io/service-name: hostnet}}}}\n\
+         addressType: IPv4\n\
+         ports: [{{name: https, port: 9443, protocol: TCP}}, {{name: dns, port: 9443, protocol: UDP}}]\n\
+         endpoints: [{{addresses: [\"{node_ip}\"]}}]\n"
+    );
+    lab.apply(&[("hostnet.yaml", objects.as_str())]).unwrap_or_else(|e| panic!("{e:#}"));
+    let ip = lab.service_ip("demo", "hostnet").expect("hostnet has a ClusterIP");
+    let (https, dns) = (SocketAddrV4::new(ip, 443), SocketAddrV4::new(ip, 53));
+    wait_until(&lab, "the host-network backend answers over TCP", || {
+        tcp(&lab, https).is_ok_and(|who| who == "the-node")
+    });
+    for i in 0..10 {
+        assert_eq!(tcp(&lab, https).unwrap_or_else(|e| panic!("TCP {i}: {e}")), "the-node");
+        assert_eq!(udp(&lab, dns).unwrap_or_else(|e| panic!("UDP {i}: {e}")), "the-node");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

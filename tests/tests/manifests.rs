@@ -407,10 +407,12 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
 
     // The agent's own list, so a new watcher without RBAC, or RBAC for a watcher that is
     // gone, fails here.
-    let want: BTreeMap<(String, String), BTreeSet<String>> = WATCHED
+    let mut want: BTreeMap<(String, String), BTreeSet<String>> = WATCHED
         .iter()
         .map(|(group, resource)| ((group.to_string(), resource.to_string()), set(WATCH_VERBS)))
         .collect();
+    let (group, resource, verbs) = nodeplane_agent::events::RECORDED;
+    want.insert((group.to_string(), resource.to_string()), set(&verbs));
     assert_eq!(got, want);
 }
 
