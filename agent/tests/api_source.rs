@@ -89,10 +89,10 @@ impl MapWriter for Recorded {
     fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
         self.maps.apply(op)?;
         self.ops.push(op.clone());
-        if self.broken.is_none() {
-            if let Err(e) = self.maps.check_consistent() {
-                self.broken = Some(format!("after {op:?}: {e}"));
-            }
+        if self.broken.is_none()
+            && let Err(e) = self.maps.check_consistent()
+        {
+            self.broken = Some(format!("after {op:?}: {e}"));
         }
         Ok(())
     }
