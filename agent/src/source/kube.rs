@@ -434,6 +434,68 @@ mod tests {
     }
 
     #[test]
+    fn trimming_keeps_what_the_index_reads_and_drops_the_rest() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-0", "namespace": "demo", "uid": "u1", "resourceVersion": "7",
+                "labels": {"app": "web"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r"}]
+            },
+            "spec": {
+                "nodeName": "n1", "hostNetwork": false,
+                "containers": [{
+                    "name": "web", "image": "nginx:1.27", "env": [{"name": "A", "value": "b"}],
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP", "hostPort": 80}]
+                }],
+                "volumes": [{"name": "v", "emptyDir": {}}]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "web", "image": "nginx", "imageID": "x", "ready": true, "restartCount": 0}]
+            }
+        }))
+        .unwrap();
+        let mut with_full = crate::index::Index::new();
+        with_full.apply(pod.clone());
+        let mut obj = Object::Pod(pod);
+        trim(&mut obj);
+        let Object::Pod(trimmed) = &obj else { unreachable!() };
+        let m = &trimmed.metadata;
+        assert!(
+            m.managed_fields.is_none() && m.owner_references.is_none() && m.annotations.is_none()
+        );
+        assert_eq!(m.labels.as_ref().unwrap()["app"], "web");
+        let spec = trimmed.spec.as_ref().unwrap();
+        assert!(spec.volumes.is_none());
+        assert_eq!(spec.containers[0].image, None);
+        assert_eq!(spec.containers[0].env, None);
+        let status = trimmed.status.as_ref().unwrap();
+        assert!(status.conditions.is_none() && status.container_statuses.is_none());
+        // The index sees the same Pod either way.
+        let mut with_trimmed = crate::index::Index::new();
+        with_trimmed.apply(obj.clone());
+        assert_eq!(with_full.pods().collect::<Vec<_>>(), with_trimmed.pods().collect::<Vec<_>>());
+        assert_eq!(with_trimmed.pods().next().unwrap().container_ports.len(), 1);
+    }
+
+    #[test]
+    fn trimming_keeps_only_the_trigger_time_annotation_of_slices() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s", "namespace": "d", "annotations": {
+                TRIGGER_TIME_ANNOTATION: "2026-11-28T10:00:00Z", "other": "x"}},
+            "addressType": "IPv4", "endpoints": []
+        }))
+        .unwrap();
+        let mut obj = Object::EndpointSlice(slice);
+        trim(&mut obj);
+        let annotations = obj.meta().annotations.clone().unwrap();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), [TRIGGER_TIME_ANNOTATION]);
+    }
+
+    #[test]
     fn selector_is_kube_proxys() {
         assert!(PROXIED_SELECTOR.contains(&format!("!{SERVICE_PROXY_NAME_LABEL}")));
     }
