@@ -43,8 +43,8 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
 
-    /// The cluster's pod network (e.g. 10.244.0.0/16). Traffic leaving it is what
-    /// masquerading applies to; checked and reported at start.
+    /// The cluster's pod network (e.g. 10.244.0.0/16), as kube-proxy's --cluster-cidr. Checked
+    /// and logged at start; this version does not masquerade yet, so nothing else uses it.
     #[arg(long, env = "NODEPLANE_CLUSTER_CIDR", value_name = "CIDR")]
     pub cluster_cidr: Option<Ipv4Cidr>,
 
