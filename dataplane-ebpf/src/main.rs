@@ -36,7 +36,18 @@ use nodeplane_common::reason::Reason;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let reason = match try_from_pod(&ctx) {
+    verdict(&ctx, try_from_pod(&ctx))
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    verdict(&ctx, try_to_pod(&ctx))
+}
+
+/// Counts the outcome and turns it into a tc action.
+#[inline(always)]
+fn verdict(ctx: &TcContext, outcome: Result<Reason, Reason>) -> i32 {
+    let reason = match outcome {
         Ok(reason) | Err(reason) => reason,
     };
     metrics::count(reason, ctx.len());
@@ -53,30 +64,22 @@ fn try_from_pod(ctx: &TcContext) -> Result<Reason, Reason> {
     if let Some(svc) = lb::lookup_service(&pkt) {
         return lb::forward(ctx, &pkt, svc);
     }
-    if let Some(rev) = ct::lookup_reply(&pkt) {
-        nat::rev_snat(ctx, &pkt, rev.vip, rev.vport)?;
-        return Ok(Reason::RevNat);
-    }
-    Ok(Reason::PassNotService)
-}
-
-#[classifier]
-pub fn to_pod(ctx: TcContext) -> i32 {
-    let reason = match try_to_pod(&ctx) {
-        Ok(reason) | Err(reason) => reason,
-    };
-    metrics::count(reason, ctx.len());
-    if reason.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
+    reverse(ctx, &pkt)
 }
 
 #[inline(always)]
 fn try_to_pod(ctx: &TcContext) -> Result<Reason, Reason> {
-    let pkt = match parse::parse(ctx)? {
-        parse::Parsed::Packet(pkt) => pkt,
-        parse::Parsed::Pass(reason) => return Ok(reason),
-    };
-    if let Some(rev) = ct::lookup_reply(&pkt) {
-        nat::rev_snat(ctx, &pkt, rev.vip, rev.vport)?;
+    match parse::parse(ctx)? {
+        parse::Parsed::Packet(pkt) => reverse(ctx, &pkt),
+        parse::Parsed::Pass(reason) => Ok(reason),
+    }
+}
+
+/// A reply of a translated flow gets its source back to the VIP; anything else passes.
+#[inline(always)]
+fn reverse(ctx: &TcContext, pkt: &parse::Packet) -> Result<Reason, Reason> {
+    if let Some(rev) = ct::lookup_reply(pkt) {
+        nat::rev_snat(ctx, pkt, rev.vip, rev.vport)?;
         return Ok(Reason::RevNat);
     }
     Ok(Reason::PassNotService)
