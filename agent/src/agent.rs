@@ -70,12 +70,20 @@ impl Agent {
         &self.index
     }
 
-    /// Feeds a batch into the index. Returns whether anything changed (a sync is due).
+    /// Feeds a batch into the index. Returns whether a sync is due: something changed, or a
+    /// kind was (re)listed, which readiness waits on even when the list changed nothing.
     pub fn handle(&mut self, batch: Batch) -> bool {
         let before = self.index.revision();
+        let mut listed = false;
         for event in batch.events {
             match &event {
-                Event::Reset(kind, _) => self.health.listed(*kind),
+                Event::Reset(kind, objs) => {
+                    self.health.listed(*kind);
+                    listed = true;
+                    if *kind == Kind::Node {
+                        self.check_own_node(objs);
+                    }
+                }
                 Event::Apply(Object::EndpointSlice(slice)) => {
                     if let Some(t) = trigger_time(slice) {
                         self.triggers.push(t);
@@ -90,7 +98,16 @@ impl Agent {
             self.pending.push(batch.received);
             self.health.pending(batch.received);
         }
-        changed
+        changed || listed
+    }
+
+    /// A wrong `--node-name` silently breaks what depends on the node; say so.
+    fn check_own_node(&self, nodes: &[Object]) {
+        let Some(name) = &self.node.node_name else { return };
+        if !nodes.iter().any(|n| n.key().name == *name) {
+            warn!(node = %name, "this node's Node object is not in the API: check --node-name \
+                  (internalTrafficPolicy: Local Services get no local endpoints)");
+        }
     }
 
     /// Writes the difference between the index and the maps.
@@ -351,5 +368,44 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::FakeMaps;
+
+    fn agent() -> (Agent, Arc<Health>) {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let agent = Agent::new(NodeContext::named("n1"), health.clone(), Arc::new(Metrics::new()));
+        (agent, health)
+    }
+
+    #[test]
+    fn an_empty_cluster_becomes_ready() {
+        // Every list is empty: nothing changes in the index, yet the lists completing must
+        // lead to a sync and readiness.
+        let (mut agent, health) = agent();
+        let mut maps = FakeMaps::new();
+        for kind in Kind::ALL {
+            assert!(agent.handle(Batch::now(vec![Event::Reset(kind, vec![])])), "{kind}");
+            agent.sync(&mut maps).unwrap();
+        }
+        assert!(health.readyz().ok, "{}", health.readyz().detail);
+        assert!(health.healthz(Instant::now()).ok);
+    }
+
+    #[test]
+    fn latencies_are_reported_for_the_batches_a_sync_programmed() {
+        let (mut agent, _) = agent();
+        let mut maps = FakeMaps::new();
+        let svc = crate::index::test_helpers::mk_service("d", "web", "10.96.0.1", &[("", 80, "")]);
+        let received = Instant::now() - Duration::from_millis(5);
+        assert!(agent.handle(Batch { events: vec![Event::Apply(svc.into())], received }));
+        let report = agent.sync(&mut maps).unwrap();
+        assert_eq!((report.frontends, report.latencies.len()), (1, 1));
+        assert!(report.latencies[0] >= Duration::from_millis(5));
+        assert!(agent.sync(&mut maps).unwrap().latencies.is_empty(), "reported once");
     }
 }
