@@ -1,5 +1,10 @@
-//! `cargo xtask bench`: per-packet cost of `from_pod` (BPF_PROG_TEST_RUN) and the agent's
-//! programming time. Prints a table; docs/BENCHMARKS.md records the numbers and the method.
+//! `cargo xtask bench`: per-packet cost of `from_pod` (BPF_PROG_TEST_RUN), the agent's
+//! programming time, and the Kubernetes API source at scale (start to first sync, memory,
+//! network programming latency). Prints tables; docs/BENCHMARKS.md records the numbers and the
+//! method.
+//!
+//! `nodeplane-bench [SECTION]...` runs only the sections named (`datapath`, `agent`, `api`, or
+//! one part of it: `api-start`, `api-memory`, `api-latency`); no argument runs them all.
 //!
 //! Method for the packet path: every sample is one `BPF_PROG_TEST_RUN` with `repeat = 1`
 //! (with `repeat > 1` the kernel would rerun the program on the frame it already rewrote, so
@@ -16,7 +21,10 @@ use nodeplane_agent::{
 use nodeplane_common::maps::{
     BackendV4, IPPROTO_TCP, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey,
 };
-use nodeplane_tests::packet::{Frame, TCP_ACK, TCP_SYN};
+use nodeplane_tests::{
+    bench_api::Parts,
+    packet::{Frame, TCP_ACK, TCP_SYN},
+};
 
 const SAMPLES: usize = 20_000;
 const ROUNDS: usize = 5;
@@ -109,7 +117,52 @@ fn measure_round(c: &mut Config, out: &mut [u8]) {
     }
 }
 
+/// The sections, in the order they run: name and what it measures.
+const SECTIONS: [(&str, &str); 6] = [
+    ("datapath", "per-packet cost of from_pod (BPF_PROG_TEST_RUN)"),
+    ("agent", "programming 10,000 services into empty maps"),
+    ("api", "the Kubernetes API source: api-start, api-memory and api-latency"),
+    ("api-start", "source start to first full sync, with and without 50,000 Pods"),
+    ("api-memory", "the agent binary's resident memory, with and without 50,000 Pods"),
+    ("api-latency", "network programming latency at 20 endpoint changes per second"),
+];
+
+fn usage() -> String {
+    let mut s = String::from("usage: nodeplane-bench [SECTION]...  (no SECTION: all)\n");
+    for (name, what) in SECTIONS {
+        s.push_str(&format!("  {name:<12} {what}\n"));
+    }
+    s
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{}", usage());
+        return;
+    }
+    if let Some(bad) = args.iter().find(|a| !SECTIONS.iter().any(|(name, _)| name == a)) {
+        eprint!("unknown section {bad:?}\n{}", usage());
+        std::process::exit(2);
+    }
+    let wanted = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
+    if wanted("datapath") {
+        datapath();
+    }
+    if wanted("agent") {
+        nodeplane_tests::bench_agent::run();
+    }
+    let parts = Parts {
+        start: wanted("api") || wanted("api-start"),
+        memory: wanted("api") || wanted("api-memory"),
+        latency: wanted("api") || wanted("api-latency"),
+    };
+    if parts.start || parts.memory || parts.latency {
+        nodeplane_tests::bench_api::run(parts);
+    }
+}
+
+fn datapath() {
     let mut out = vec![0u8; 256];
     let mut configs = Vec::new();
     for (name, services, endpoints) in
@@ -157,6 +210,4 @@ fn main() {
         b.established.mean() / a.established.mean(),
         b.established.median() as f64 / a.established.median().max(1) as f64
     );
-    drop(configs);
-    nodeplane_tests::bench_agent::run();
 }
