@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{Config, Source},
     datapath::Datapath,
-    desired::{self, NodeContext},
+    desired::{self, Desired, NodeContext},
     events::NodeEvents,
     health::Health,
     index::Index,
@@ -50,6 +50,10 @@ pub struct Agent {
     triggers: Vec<SystemTime>,
     /// (object, reason) pairs already logged, so a skip is reported once, not every sync.
     reported_skips: BTreeSet<(String, String)>,
+    /// The desired state as of the last sync, updated incrementally.
+    desired: Desired,
+    /// The next sync must recompute and diff everything (at start, after a failed write).
+    full: bool,
 }
 
 impl Agent {
@@ -63,6 +67,8 @@ impl Agent {
             pending: Vec::new(),
             triggers: Vec::new(),
             reported_skips: BTreeSet::new(),
+            desired: Desired::default(),
+            full: true,
         }
     }
 
@@ -111,18 +117,30 @@ impl Agent {
     }
 
     /// Writes the difference between the index and the maps.
+    ///
+    /// Usually incremental: when only EndpointSlices changed, only their Services are
+    /// recomputed ([`desired::update`]) and only their frontends planned
+    /// ([`Syncer::apply_changed`]), so the cost follows the change, not the cluster.
     pub fn sync(&mut self, maps: &mut impl MapWriter) -> Result<SyncReport, WriteError> {
         let started = Instant::now();
-        let desired = desired::compute_for(&self.index, &self.node);
+        let mut dirty = self.index.take_dirty();
+        dirty.all |= std::mem::take(&mut self.full);
+        let changed = desired::update(&mut self.desired, &self.index, &self.node, &dirty);
+        let desired = &self.desired;
         for (object, reason) in &desired.skipped {
             if self.reported_skips.insert((object.to_string(), reason.clone())) {
                 warn!(service = %object, %reason, "not programmed");
             }
         }
-        let stats = match self.syncer.apply(&desired, maps) {
+        let result = match changed.and_then(|c| self.syncer.apply_changed(desired, &c, maps)) {
+            Some(result) => result,
+            None => self.syncer.apply(desired, maps),
+        };
+        let stats = match result {
             Ok(stats) => stats,
             Err(e) => {
                 self.metrics.sync_errors.inc();
+                self.full = true;
                 return Err(e);
             }
         };
@@ -148,7 +166,7 @@ impl Agent {
             m.objects.get_or_create(&label).set(self.index.len(kind) as i64);
         }
         let mut skipped: BTreeMap<&str, usize> = self.index.skipped_counts().into_iter().collect();
-        *skipped.entry("service_conflict").or_default() += desired.skipped.len();
+        *skipped.entry("service_conflict").or_default() += self.desired.skipped.len();
         // Reasons that no longer occur must read 0, not their last value.
         m.skipped.clear();
         for (reason, n) in skipped {
@@ -373,8 +391,117 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
-    use crate::sync::FakeMaps;
+    use crate::{
+        index::test_helpers::{mk_service, mk_slice, ready},
+        sync::{FakeMaps, Op},
+    };
+
+    /// Fails the test at the first write after which the maps are inconsistent.
+    struct Checked<'a>(&'a mut FakeMaps);
+
+    impl MapWriter for Checked<'_> {
+        fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
+            self.0.apply(op)?;
+            if let Err(e) = self.0.check_consistent() {
+                panic!("inconsistent after {op:?}: {e}");
+            }
+            Ok(())
+        }
+    }
+
+    /// One change to a small cluster: 4 Services that share 2 ClusterIPs (so frontends
+    /// collide), slices whose endpoints may be a ClusterIP, on this node or another.
+    #[derive(Clone, Debug)]
+    enum Change {
+        Service { svc: u8, ip: u8, port: u8, local: bool },
+        DeleteService(u8),
+        Slice { svc: u8, slice: u8, endpoints: Vec<(u8, bool)> },
+        DeleteSlice { svc: u8, slice: u8 },
+    }
+
+    fn arb_change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            1 => (0..4u8, 0..2u8, 0..2u8, any::<bool>())
+                .prop_map(|(svc, ip, port, local)| Change::Service { svc, ip, port, local }),
+            1 => (0..4u8).prop_map(Change::DeleteService),
+            4 => (0..4u8, 0..2u8, prop::collection::vec((0..12u8, any::<bool>()), 0..6))
+                .prop_map(|(svc, slice, endpoints)| Change::Slice { svc, slice, endpoints }),
+            1 => (0..4u8, 0..2u8).prop_map(|(svc, slice)| Change::DeleteSlice { svc, slice }),
+        ]
+    }
+
+    fn event(change: &Change) -> Event {
+        use crate::source::ObjectKey;
+        match change {
+            Change::Service { svc, ip, port, local } => {
+                let mut s = mk_service(
+                    "d",
+                    &format!("s{svc}"),
+                    &format!("10.96.0.{ip}"),
+                    &[("http", 80 + i32::from(*port), "")],
+                );
+                if *local {
+                    s.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+                }
+                Event::Apply(s.into())
+            }
+            Change::DeleteService(svc) => {
+                Event::Delete(Kind::Service, ObjectKey::namespaced("d", format!("s{svc}")))
+            }
+            Change::Slice { svc, slice, endpoints } => {
+                let eps = endpoints
+                    .iter()
+                    .map(|(host, here)| {
+                        // Hosts 10 and 11 are the ClusterIPs.
+                        let addr = if *host >= 10 {
+                            format!("10.96.0.{}", host - 10)
+                        } else {
+                            format!("10.244.0.{host}")
+                        };
+                        let mut ep = ready(&addr);
+                        ep.node_name = Some(if *here { "n1" } else { "n2" }.into());
+                        ep
+                    })
+                    .collect();
+                let name = format!("s{svc}-{slice}");
+                let svc = format!("s{svc}");
+                Event::Apply(mk_slice("d", &name, &svc, &[("http", 8080, "")], eps).into())
+            }
+            Change::DeleteSlice { svc, slice } => Event::Delete(
+                Kind::EndpointSlice,
+                ObjectKey::namespaced("d", format!("s{svc}-{slice}")),
+            ),
+        }
+    }
+
+    proptest! {
+        /// Whatever the changes, the incremental sync leaves the maps exactly where a full
+        /// recompute says, consistent after every single write, also across failed writes.
+        #[test]
+        fn incremental_sync_equals_a_full_recompute(
+            batches in prop::collection::vec(
+                (prop::collection::vec(arb_change(), 1..4), prop::option::of(0usize..6)),
+                1..25,
+            ),
+        ) {
+            let (mut agent, _) = agent();
+            let mut maps = FakeMaps::new();
+            for (changes, fail_after) in &batches {
+                agent.handle(Batch::now(changes.iter().map(event).collect()));
+                maps.fail_after = fail_after.map(|n| maps.writes + n);
+                if agent.sync(&mut Checked(&mut maps)).is_err() {
+                    agent.sync(&mut Checked(&mut maps)).expect("the retry");
+                }
+                maps.fail_after = None;
+                let full = desired::compute_for(agent.index(), &NodeContext::named("n1"));
+                prop_assert_eq!(&agent.desired, &full);
+                prop_assert_eq!(maps.check_matches(&full), Ok(()));
+            }
+        }
+    }
 
     fn agent() -> (Agent, Arc<Health>) {
         let health = Arc::new(Health::new(Duration::from_secs(60)));

@@ -35,7 +35,7 @@
 //! such Services instead would break them on a misconfigured agent; an agent that knows its
 //! node (`--node-name`, from the downward API in the DaemonSet) always applies `Local`.
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     net::Ipv4Addr,
 };
 
@@ -44,7 +44,7 @@ use nodeplane_common::maps::{
 };
 
 use crate::{
-    index::Index,
+    index::{Dirty, Index},
     model::{Endpoint, Protocol, Service, ServicePort},
     source::ObjectKey,
 };
@@ -138,12 +138,7 @@ fn compute_with(
     policy_local: &dyn Fn(&Service) -> bool,
 ) -> Desired {
     let mut desired = Desired::default();
-    // A backend must never be a ClusterIP: the datapath translates once, so such a backend
-    // would be a dead end (or, with a later hop, a loop).
-    let vips: BTreeMap<Ipv4Addr, &ObjectKey> = index
-        .services()
-        .flat_map(|s| s.cluster_ips_v4.iter().map(move |ip| (*ip, &s.key)))
-        .collect();
+    let vips = cluster_ips(index);
     for service in index.services() {
         let scope = Scope::new(policy_local(service), node);
         let frontends = match service_frontends(index, service, scope, &vips, &mut desired.skipped)
@@ -175,6 +170,82 @@ fn compute_with(
     desired.skipped.sort();
     desired.skipped.dedup();
     desired
+}
+
+/// Every ClusterIP and its Service. A backend must never be a ClusterIP: the datapath
+/// translates once, so such a backend would be a dead end (or, with a later hop, a loop).
+fn cluster_ips(index: &Index) -> BTreeMap<Ipv4Addr, &ObjectKey> {
+    index.services().flat_map(|s| s.cluster_ips_v4.iter().map(move |ip| (*ip, &s.key))).collect()
+}
+
+/// Brings `desired` (the result of an earlier [`compute_for`] or `update` on the same node)
+/// up to date with `index`, given what changed since. Returns the frontends that were
+/// added, removed or changed, or `None` when it had to recompute everything.
+///
+/// Only EndpointSlice changes are applied incrementally, Service by Service: they change
+/// backends, never which frontends exist, so the rules that look across Services (a
+/// frontend two Services claim goes to the first in key order; a backend may not be a
+/// ClusterIP) decide exactly as a full [`compute_for`] would. Any change to a Service
+/// itself recomputes everything. Equality with [`compute_for`] is property-tested.
+pub fn update(
+    desired: &mut Desired,
+    index: &Index,
+    node: &NodeContext,
+    dirty: &Dirty,
+) -> Option<BTreeSet<ServiceKeyV4>> {
+    if dirty.all {
+        *desired = compute_for(index, node);
+        return None;
+    }
+    if dirty.services.is_empty() {
+        return Some(BTreeSet::new());
+    }
+    let vips = cluster_ips(index);
+    let mut changed = BTreeSet::new();
+    for key in &dirty.services {
+        let old: BTreeMap<ServiceKeyV4, Frontend> = desired
+            .frontends
+            .iter()
+            .filter(|(_, f)| f.service == *key)
+            .map(|(k, f)| (*k, f.clone()))
+            .collect();
+        for k in old.keys() {
+            desired.frontends.remove(k);
+        }
+        desired.skipped.retain(|(service, _)| service != key);
+        let Some(service) = index.service(key) else {
+            changed.extend(old.keys());
+            continue;
+        };
+        let scope = Scope::new(internal_traffic_policy_local(service), node);
+        match service_frontends(index, service, scope, &vips, &mut desired.skipped) {
+            Ok(frontends) => {
+                for (k, frontend) in frontends {
+                    match desired.frontends.entry(k) {
+                        Entry::Vacant(slot) => {
+                            if old.get(&k) != Some(&frontend) {
+                                changed.insert(k);
+                            }
+                            slot.insert(frontend);
+                        }
+                        Entry::Occupied(taken) => desired.skipped.push((
+                            key.clone(),
+                            format!(
+                                "frontend {} is already served by {}",
+                                describe(&k),
+                                taken.get().service
+                            ),
+                        )),
+                    }
+                }
+            }
+            Err(reason) => desired.skipped.push((key.clone(), reason)),
+        }
+        changed.extend(old.keys().filter(|k| !desired.frontends.contains_key(k)));
+    }
+    desired.skipped.sort();
+    desired.skipped.dedup();
+    Some(changed)
 }
 
 /// All frontends of one Service, or why the Service is skipped. Backends left out are

@@ -85,6 +85,19 @@ pub struct Index {
     network_policies: BTreeMap<ObjectKey, networkingv1::NetworkPolicySpec>,
     skips: BTreeMap<(Kind, ObjectKey), Vec<SkipReason>>,
     revision: u64,
+    /// What changed for the service maps since [`Index::take_dirty`].
+    dirty: Dirty,
+}
+
+/// The Services whose frontends may have changed since the last [`Index::take_dirty`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// A Service itself changed (added, removed, new IPs or ports...): frontends of others
+    /// may depend on it (a backend that is its ClusterIP, a frontend it now shares), so
+    /// everything is to be recomputed.
+    pub all: bool,
+    /// Services whose EndpointSlices changed.
+    pub services: BTreeSet<ObjectKey>,
 }
 
 impl Index {
@@ -266,27 +279,38 @@ impl Index {
         }
     }
 
+    /// What changed for the service maps since the last call, and forget it.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
     fn store_service(&mut self, key: &ObjectKey, model: Option<Service>) -> bool {
-        store(&mut self.services, key, model)
+        let changed = store(&mut self.services, key, model);
+        self.dirty.all |= changed;
+        changed
     }
 
     fn store_slice(&mut self, key: &ObjectKey, model: Option<EndpointSlice>) -> bool {
         let new_service = model.as_ref().map(EndpointSlice::service_key);
         let old_service = self.slices.get(key).map(EndpointSlice::service_key);
         if old_service != new_service {
-            if let Some(old) = old_service
-                && let Some(set) = self.slices_by_service.get_mut(&old)
+            if let Some(old) = &old_service
+                && let Some(set) = self.slices_by_service.get_mut(old)
             {
                 set.remove(key);
                 if set.is_empty() {
-                    self.slices_by_service.remove(&old);
+                    self.slices_by_service.remove(old);
                 }
             }
-            if let Some(new) = new_service {
-                self.slices_by_service.entry(new).or_default().insert(key.clone());
+            if let Some(new) = &new_service {
+                self.slices_by_service.entry(new.clone()).or_default().insert(key.clone());
             }
         }
-        store(&mut self.slices, key, model)
+        let changed = store(&mut self.slices, key, model);
+        if changed {
+            self.dirty.services.extend(old_service.into_iter().chain(new_service));
+        }
+        changed
     }
 }
 

@@ -140,12 +140,121 @@ impl Syncer {
             w.apply(op)?;
             self.realized.record(op);
         }
-        Ok(SyncStats {
-            ops: ops.len(),
+        Ok(self.stats(ops.len(), skipped))
+    }
+
+    /// [`Syncer::apply`] for a `desired` that differs from what was last applied only in
+    /// the backends of the frontends in `changed`: plans those frontends alone, so its cost
+    /// does not grow with the number of Services. Writes the same kind of ops in the same
+    /// order as a full plan (new backends, then each frontend's slots, count and surplus
+    /// slots, then backends nothing uses any more).
+    ///
+    /// Returns `None`, having written nothing, when that premise does not hold (a frontend
+    /// in `changed` is new or gone, frontends are waiting for capacity) or the change might
+    /// not fit the maps: the caller then runs the full [`Syncer::apply`].
+    pub fn apply_changed(
+        &mut self,
+        desired: &Desired,
+        changed: &BTreeSet<ServiceKeyV4>,
+        w: &mut impl MapWriter,
+    ) -> Option<Result<SyncStats, WriteError>> {
+        let ops = self.plan_changed(desired, changed)?;
+        for op in &ops {
+            if let Err(e) = w.apply(op) {
+                return Some(Err(e));
+            }
+            self.realized.record(op);
+        }
+        Some(Ok(self.stats(ops.len(), 0)))
+    }
+
+    fn stats(&self, ops: usize, skipped: usize) -> SyncStats {
+        SyncStats {
+            ops,
             services: self.realized.services.keys().filter(|k| !k.is_vip_marker()).count(),
             backends: self.realized.backends.len(),
             skipped,
-        })
+        }
+    }
+
+    fn plan_changed(&self, desired: &Desired, changed: &BTreeSet<ServiceKeyV4>) -> Option<Vec<Op>> {
+        let r = &self.realized;
+        if !self.capacity_skipped.is_empty() {
+            return None;
+        }
+        let mut frontends = Vec::with_capacity(changed.len());
+        for key in changed {
+            let frontend = desired.frontends.get(key)?;
+            let value = r.services.get(key)?;
+            frontends.push((*key, value.service_id, frontend));
+        }
+        // New backends with fresh ids, in frontend order (as a full plan assigns them).
+        let mut fresh = r.backend_ids.fresh();
+        let mut ids: BTreeMap<BackendV4, u32> = BTreeMap::new();
+        let mut new_backends = Vec::new();
+        for (_, _, frontend) in &frontends {
+            for b in &frontend.backends {
+                if let Some(id) = r.backend_by_value.get(b) {
+                    ids.insert(*b, *id);
+                } else if !ids.contains_key(b) {
+                    let id = fresh.next()?;
+                    ids.insert(*b, id);
+                    new_backends.push((id, *b));
+                }
+            }
+        }
+        let grown_slots: usize = frontends
+            .iter()
+            .map(|(_, id, f)| f.backends.len().saturating_sub(r.slot_count(*id)))
+            .sum();
+        if r.backends.len() + new_backends.len() > self.capacity.backends as usize
+            || r.slots.len() + grown_slots > self.capacity.slots as usize
+        {
+            return None;
+        }
+
+        let mut ops: Vec<Op> = new_backends
+            .iter()
+            .map(|(id, backend)| Op::PutBackend { id: *id, backend: *backend })
+            .collect();
+        // Slot references each backend gains (+) or loses (-) in this plan.
+        let mut delta: BTreeMap<u32, i64> = BTreeMap::new();
+        for (key, service_id, frontend) in &frontends {
+            let count = frontend.backends.len() as u32;
+            for (slot, backend) in (0..).zip(&frontend.backends) {
+                let backend_id = ids[backend];
+                let slot_key = SlotKey { service_id: *service_id, slot };
+                let old = r.slots.get(&slot_key).copied();
+                if old != Some(backend_id) {
+                    ops.push(Op::PutSlot { key: slot_key, backend_id });
+                    *delta.entry(backend_id).or_default() += 1;
+                    if let Some(old) = old {
+                        *delta.entry(old).or_default() -= 1;
+                    }
+                }
+            }
+            let value = ServiceValue {
+                service_id: *service_id,
+                backend_count: count,
+                flags: 0,
+                _reserved: 0,
+            };
+            if r.services.get(key) != Some(&value) {
+                ops.push(Op::PutService { key: *key, value });
+            }
+            for slot_key in r.slots_of(*service_id).filter(|k| k.slot >= count) {
+                ops.push(Op::DelSlot { key: slot_key });
+                *delta.entry(r.slots[&slot_key]).or_default() -= 1;
+            }
+        }
+        // A backend's references are its own entry plus the slots naming it: one left means
+        // no slot does.
+        for (id, d) in delta {
+            if d < 0 && i64::from(r.backend_ids.refs(id)) + d <= 1 && r.backends.contains_key(&id) {
+                ops.push(Op::DelBackend { id });
+            }
+        }
+        Some(ops)
     }
 
     fn log_capacity_skips(&mut self, desired: &Desired, skipped: &[ServiceKeyV4]) {
@@ -446,6 +555,11 @@ impl Ids {
             self.free.remove(&last);
             self.next -= 1;
         }
+    }
+
+    /// References to `id` (0 if unused).
+    fn refs(&self, id: u32) -> u32 {
+        self.refs.get(&id).copied().unwrap_or(0)
     }
 
     /// Ids free right now, lowest first. Not consumed: a plan takes from it without
