@@ -78,6 +78,10 @@ impl Agent {
 
     /// Feeds a batch into the index. Returns whether a sync is due: something changed, or a
     /// kind was (re)listed, which readiness waits on even when the list changed nothing.
+    ///
+    /// Nothing is due before every kind has been listed once: like kube-proxy, the first
+    /// sync waits for the complete initial state, so a Service is never programmed with the
+    /// first page of its endpoints and then the rest.
     pub fn handle(&mut self, batch: Batch) -> bool {
         let before = self.index.revision();
         let mut listed = false;
@@ -87,7 +91,14 @@ impl Agent {
                     self.health.listed(*kind);
                     listed = true;
                     if *kind == Kind::Node {
-                        self.check_own_node(objs);
+                        self.check_own_node(objs.iter().map(|o| o.key().name).collect());
+                    }
+                }
+                Event::Retain(kind, keys) => {
+                    self.health.listed(*kind);
+                    listed = true;
+                    if *kind == Kind::Node {
+                        self.check_own_node(keys.iter().map(|k| k.name.clone()).collect());
                     }
                 }
                 Event::Apply(Object::EndpointSlice(slice)) => {
@@ -104,13 +115,13 @@ impl Agent {
             self.pending.push(batch.received);
             self.health.pending(batch.received);
         }
-        changed || listed
+        (changed || listed) && self.health.all_listed()
     }
 
     /// A wrong `--node-name` silently breaks what depends on the node; say so.
-    fn check_own_node(&self, nodes: &[Object]) {
+    fn check_own_node(&self, nodes: BTreeSet<String>) {
         let Some(name) = &self.node.node_name else { return };
-        if !nodes.iter().any(|n| n.key().name == *name) {
+        if !nodes.contains(name) {
             warn!(node = %name, "this node's Node object is not in the API: check --node-name \
                   (internalTrafficPolicy: Local Services get no local endpoints)");
         }
@@ -515,10 +526,12 @@ mod tests {
         // lead to a sync and readiness.
         let (mut agent, health) = agent();
         let mut maps = FakeMaps::new();
-        for kind in Kind::ALL {
-            assert!(agent.handle(Batch::now(vec![Event::Reset(kind, vec![])])), "{kind}");
-            agent.sync(&mut maps).unwrap();
+        for (i, kind) in Kind::ALL.into_iter().enumerate() {
+            let due = agent.handle(Batch::now(vec![Event::Retain(kind, Default::default())]));
+            // The first sync waits for every kind.
+            assert_eq!(due, i == Kind::ALL.len() - 1, "{kind}");
         }
+        agent.sync(&mut maps).unwrap();
         assert!(health.readyz().ok, "{}", health.readyz().detail);
         assert!(health.healthz(Instant::now()).ok);
     }
@@ -527,6 +540,9 @@ mod tests {
     fn latencies_are_reported_for_the_batches_a_sync_programmed() {
         let (mut agent, _) = agent();
         let mut maps = FakeMaps::new();
+        let lists = Kind::ALL.map(|kind| Event::Reset(kind, vec![]));
+        assert!(agent.handle(Batch::now(lists.into())));
+        agent.sync(&mut maps).unwrap();
         let svc = crate::index::test_helpers::mk_service("d", "web", "10.96.0.1", &[("", 80, "")]);
         let received = Instant::now() - Duration::from_millis(5);
         assert!(agent.handle(Batch { events: vec![Event::Apply(svc.into())], received }));

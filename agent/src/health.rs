@@ -58,6 +58,12 @@ impl Health {
         }
     }
 
+    /// Whether every kind has been listed once.
+    pub fn all_listed(&self) -> bool {
+        let s = self.lock();
+        Kind::ALL.iter().all(|k| s.listed.contains(k))
+    }
+
     /// A change received at `at` is waiting to be programmed.
     pub fn pending(&self, at: Instant) {
         let mut s = self.lock();

@@ -110,6 +110,7 @@ impl Index {
             Event::Apply(obj) => self.apply(obj),
             Event::Delete(kind, key) => self.delete(kind, &key),
             Event::Reset(kind, objs) => self.reset(kind, objs),
+            Event::Retain(kind, keys) => self.retain(kind, &keys),
         }
     }
 
@@ -160,33 +161,36 @@ impl Index {
     }
 
     /// Replaces every object of `kind` with `objs`: what is not listed is deleted.
-    pub fn reset(&mut self, kind: Kind, objs: Vec<Object>) {
-        let mut keep = BTreeSet::new();
-        let mut matching = Vec::with_capacity(objs.len());
-        for obj in objs {
-            if obj.kind() == kind {
-                keep.insert(obj.key());
-                matching.push(obj);
-            } else {
+    pub fn reset(&mut self, kind: Kind, mut objs: Vec<Object>) {
+        objs.retain(|obj| {
+            let same = obj.kind() == kind;
+            if !same {
                 tracing::warn!(reset = %kind, kind = %obj.kind(), object = %obj.key(), "ignoring object of another kind in a reset");
             }
+            same
+        });
+        let keep: BTreeSet<ObjectKey> = objs.iter().map(Object::key).collect();
+        self.retain(kind, &keep);
+        for obj in objs {
+            self.apply(obj);
         }
-        let known: BTreeSet<ObjectKey> = match kind {
-            Kind::Service => self.services.keys().cloned().collect(),
-            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
-            Kind::Pod => self.pods.keys().cloned().collect(),
-            Kind::Namespace => self.namespaces.keys().cloned().collect(),
-            Kind::Node => self.nodes.keys().cloned().collect(),
-            Kind::NetworkPolicy => self.network_policies.keys().cloned().collect(),
+    }
+
+    /// Deletes every object of `kind` (skipped ones included) whose key is not in `keep`.
+    pub fn retain(&mut self, kind: Kind, keep: &BTreeSet<ObjectKey>) {
+        let known: Vec<&ObjectKey> = match kind {
+            Kind::Service => self.services.keys().collect(),
+            Kind::EndpointSlice => self.slices.keys().collect(),
+            Kind::Pod => self.pods.keys().collect(),
+            Kind::Namespace => self.namespaces.keys().collect(),
+            Kind::Node => self.nodes.keys().collect(),
+            Kind::NetworkPolicy => self.network_policies.keys().collect(),
         };
-        let skipped = self.skips.keys().filter(|(k, _)| *k == kind).map(|(_, key)| key.clone());
-        let stale: Vec<ObjectKey> =
-            known.into_iter().chain(skipped).filter(|k| !keep.contains(k)).collect();
+        let skipped = self.skips.keys().filter(|(k, _)| *k == kind).map(|(_, key)| key);
+        let stale: BTreeSet<ObjectKey> =
+            known.into_iter().chain(skipped).filter(|k| !keep.contains(*k)).cloned().collect();
         for key in stale {
             self.delete(kind, &key);
-        }
-        for obj in matching {
-            self.apply(obj);
         }
     }
 
@@ -772,6 +776,21 @@ mod tests {
         }
         assert_eq!(index.services().count(), 0);
         assert_eq!(index.skipped_counts(), BTreeMap::from([("invalid_cluster_ip", 4)]));
+    }
+
+    #[test]
+    fn retain_deletes_what_was_not_relisted_including_skipped_objects() {
+        let mut index = Index::new();
+        index.apply(mk_service("d", "a", "10.96.0.1", &[("", 80, "")]));
+        index.apply(mk_service("d", "b", "10.96.0.2", &[("", 80, "")]));
+        index.apply(mk_service("d", "bad", "10.96.0.01", &[("", 80, "")]));
+        index.apply(mk_slice("d", "a-1", "a", &[("", 8080, "")], vec![ready("10.0.0.1")]));
+        let keep = BTreeSet::from([key("d", "a")]);
+        index.handle(Event::Retain(Kind::Service, keep));
+        let names: Vec<_> = index.services().map(|s| s.key.name.clone()).collect();
+        assert_eq!(names, ["a"]);
+        assert_eq!(index.skipped().count(), 0, "the skipped Service is gone too");
+        assert_eq!(index.slices().count(), 1, "other kinds untouched");
     }
 
     #[test]

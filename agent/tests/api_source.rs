@@ -122,6 +122,7 @@ impl Harness {
         let mut settings = Settings::new(NODE);
         settings.backoff = (Duration::from_millis(50), Duration::from_millis(400));
         settings.page_size = 3;
+        settings.relist_chunk = 4;
         let source = SourceHealth::default();
         let (tx, mut rx) = mpsc::channel::<Batch>(64);
         let source_task =
@@ -132,13 +133,16 @@ impl Harness {
         let mut agent = Agent::new(NodeContext::named(NODE), health.clone(), metrics.clone());
         let loop_maps = maps.clone();
         let loop_task = tokio::spawn(async move {
+            // As the agent's own loop: one sync for whatever is queued, when one is due.
             while let Some(batch) = rx.recv().await {
-                agent.handle(batch);
+                let mut due = agent.handle(batch);
                 while let Ok(batch) = rx.try_recv() {
-                    agent.handle(batch);
+                    due |= agent.handle(batch);
                 }
-                let mut maps = loop_maps.lock().unwrap();
-                agent.sync(&mut *maps).expect("in-memory maps never fail");
+                if due {
+                    let mut maps = loop_maps.lock().unwrap();
+                    agent.sync(&mut *maps).expect("in-memory maps never fail");
+                }
             }
         });
         Self { api, maps, health, source, metrics, _tasks: vec![source_task, loop_task] }

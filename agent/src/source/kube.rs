@@ -10,16 +10,18 @@
 //!
 //! | `watcher::Event`  | sent                                                              |
 //! |-------------------|-------------------------------------------------------------------|
-//! | `Init`            | nothing: a buffer for the relist starts                           |
-//! | `InitApply(obj)`  | nothing: `obj` is buffered                                        |
-//! | `InitDone`        | `Reset(kind, buffer)`: what was not relisted is deleted           |
+//! | `Init`            | nothing: a relist starts, its keys are collected                  |
+//! | `InitApply(obj)`  | `Apply(obj)`, in chunks ([`Settings::relist_chunk`], 500)         |
+//! | `InitDone`        | `Retain(kind, keys)`: what was not relisted is deleted            |
 //! | `Apply(obj)`      | `Apply(obj)`                                                      |
 //! | `Delete(obj)`     | `Delete(kind, key)`                                               |
 //!
-//! Buffering until `InitDone` is what makes a relist converge without a transient loss: the
-//! index swaps the whole kind at once, so a Service that did not change never disappears,
-//! and one deleted while the agent was disconnected (its DELETED event lost, or compacted
-//! away behind a `410 Gone`) is removed by the `Reset`.
+//! This is what makes a relist converge without a transient loss: relisted objects only
+//! ever replace their previous versions (an unchanged Service never disappears), and
+//! deletions wait for `InitDone`, when the `Retain` removes what the API no longer has
+//! (deleted while the agent was disconnected, its DELETED event lost or compacted away
+//! behind a `410 Gone`). Only keys are held across the relist, never the objects: a list of
+//! 150,000 Pods streams into the index page by page.
 //!
 //! **Faults.** Any error from a watcher (the API server unreachable, a refused or broken
 //! watch, an expired resourceVersion) marks the kind stale in [`SourceHealth`], logs how
@@ -37,7 +39,7 @@
 //! so objects another proxy owns never reach the node; the index applies the same rules to
 //! objects from files. The Node watch is restricted to this agent's node by a field selector.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -60,7 +62,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Batch, Event, Kind, Object};
+use super::{Batch, Event, Kind, Object, ObjectKey};
 
 /// The annotation an EndpointSlice carries with the time of the change that triggered it;
 /// the only annotation kept, for the network programming latency metric.
@@ -82,6 +84,9 @@ pub struct Settings {
     pub watch_timeout: Duration,
     /// First and longest pause before a failed watcher is restarted.
     pub backoff: (Duration, Duration),
+    /// How many relisted objects travel together. A relist is sent as it arrives, in chunks
+    /// of `Apply`s closed by one `Retain`, so no copy of the whole list is ever held.
+    pub relist_chunk: usize,
 }
 
 impl Settings {
@@ -91,6 +96,7 @@ impl Settings {
             page_size: 500,
             watch_timeout: Duration::from_secs(290),
             backoff: (Duration::from_millis(500), Duration::from_secs(30)),
+            relist_chunk: 500,
         }
     }
 }
@@ -209,7 +215,8 @@ where
     async move {
         let mut backoff = Backoff::new(settings.backoff.0, settings.backoff.1);
         loop {
-            match watch_once(&api, config.clone(), kind, &tx, &health, &mut backoff).await {
+            let chunk = settings.relist_chunk.max(1);
+            match watch_once(&api, config.clone(), kind, chunk, &tx, &health, &mut backoff).await {
                 Stop::ChannelClosed => return,
                 Stop::Failed(error) => {
                     let now = Instant::now();
@@ -242,6 +249,7 @@ async fn watch_once<K>(
     api: &Api<K>,
     config: watcher::Config,
     kind: Kind,
+    chunk: usize,
     tx: &mpsc::Sender<Batch>,
     health: &SourceHealth,
     backoff: &mut Backoff,
@@ -252,27 +260,33 @@ where
 {
     let stream = watcher(api.clone(), config);
     pin_mut!(stream);
-    let mut buffer: Option<Vec<Object>> = None;
+    // During a relist: the keys seen so far, and the Applys not sent yet.
+    let mut relist: Option<BTreeSet<ObjectKey>> = None;
+    let mut pending: Vec<Event> = Vec::new();
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(event) => event,
             Err(e) => return Stop::Failed(e.to_string()),
         };
         let received = Instant::now();
-        let out = match event {
+        match event {
             watcher::Event::Init => {
-                buffer = Some(Vec::new());
+                relist = Some(BTreeSet::new());
+                pending.clear();
                 continue;
             }
             watcher::Event::InitApply(obj) => {
                 let mut obj = Object::from(obj);
                 trim(&mut obj);
-                buffer.get_or_insert_with(Vec::new).push(obj);
-                continue;
+                relist.get_or_insert_with(BTreeSet::new).insert(obj.key());
+                pending.push(Event::Apply(obj));
+                if pending.len() < chunk {
+                    continue;
+                }
             }
             watcher::Event::InitDone => {
-                let objs = buffer.take().unwrap_or_default();
-                let count = objs.len();
+                let keys = relist.take().unwrap_or_default();
+                let count = keys.len();
                 let first = health.get(kind).lists == 0;
                 health.update(kind, |h| {
                     h.lists += 1;
@@ -285,22 +299,25 @@ where
                 } else {
                     info!(%kind, objects = count, "relisted");
                 }
-                Event::Reset(kind, objs)
+                pending.push(Event::Retain(kind, keys));
             }
             watcher::Event::Apply(obj) => {
                 let mut obj = Object::from(obj);
                 trim(&mut obj);
-                Event::Apply(obj)
+                pending.push(Event::Apply(obj));
             }
-            watcher::Event::Delete(obj) => Event::Delete(kind, Object::from(obj).key()),
-        };
-        if !matches!(out, Event::Reset(..)) {
+            watcher::Event::Delete(obj) => {
+                pending.push(Event::Delete(kind, Object::from(obj).key()));
+            }
+        }
+        if relist.is_none() {
             health.update(kind, |h| {
                 h.failing_since = None;
                 h.last_data = Some(received);
             });
         }
-        if tx.send(Batch { events: vec![out], received }).await.is_err() {
+        let events = std::mem::take(&mut pending);
+        if tx.send(Batch { events, received }).await.is_err() {
             return Stop::ChannelClosed;
         }
     }

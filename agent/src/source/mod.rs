@@ -10,9 +10,10 @@
 //! |-----------------------|-----------------------------------|-------------------------------------------|
 //! | `Apply(obj)`          | `Apply(obj)`, `InitApply(obj)`    | create or replace this object             |
 //! | `Delete(kind, key)`   | `Delete(obj)`                     | this object is gone                       |
-//! | `Reset(kind, objs)`   | `Init` .. `InitDone` (a relist)   | `objs` is *all* of `kind`; drop the rest  |
+//! | `Reset(kind, objs)`   | (the file source's whole directory) | `objs` is *all* of `kind`; drop the rest  |
+//! | `Retain(kind, keys)`  | `InitDone` (after `InitApply`s sent as `Apply`s) | drop every object of `kind` not in `keys` |
 //!
-//! A `Reset` is how deletions missed while disconnected are noticed: without it, a Service
+//! A `Reset` or `Retain` is how deletions missed while disconnected are noticed: without it, a Service
 //! deleted during a watch gap would keep its datapath entries forever.
 use std::fmt;
 
@@ -226,6 +227,10 @@ pub enum Event {
     Delete(Kind, ObjectKey),
     /// The complete set of objects of this kind: anything of the kind not listed is deleted.
     Reset(Kind, Vec<Object>),
+    /// The end of a relist whose objects came as `Apply`s: anything of this kind whose key
+    /// is not in the set is deleted. Equivalent to a `Reset` with those objects, without
+    /// holding them all at once.
+    Retain(Kind, std::collections::BTreeSet<ObjectKey>),
 }
 
 #[cfg(test)]
