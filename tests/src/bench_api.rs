@@ -423,7 +423,7 @@ impl InProcess {
         while let Some(b) = batch {
             let rv = applied_rv(&b);
             for event in &b.events {
-                if let Event::Reset(kind, _) = event {
+                if let Event::Reset(kind, _) | Event::Retain(kind, _) = event {
                     self.listed.insert(*kind);
                 }
             }
