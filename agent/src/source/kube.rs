@@ -62,7 +62,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Batch, Event, Kind, Object, ObjectKey};
+use super::{Batch, Event, Kind, Object, ObjectKey, lean::LeanPod};
 
 /// The annotation an EndpointSlice carries with the time of the change that triggered it;
 /// the only annotation kept, for the network programming latency metric.
@@ -174,7 +174,8 @@ pub async fn run(
             h,
         )),
         tokio::spawn(watch_kind(Kind::Node, Api::<Node>::all(c.clone()), own_node, s, t, h)),
-        tokio::spawn(watch_kind(Kind::Pod, Api::<Pod>::all(c.clone()), plain(), s, t, h)),
+        // Pods are decoded lean: only what the index reads (see `lean`).
+        tokio::spawn(watch_kind(Kind::Pod, Api::<LeanPod>::all(c.clone()), plain(), s, t, h)),
         tokio::spawn(watch_kind(
             Kind::NetworkPolicy,
             Api::<NetworkPolicy>::all(c.clone()),

@@ -28,6 +28,7 @@ use k8s_openapi::{
 
 pub mod files;
 pub mod kube;
+pub mod lean;
 
 /// The object kinds the agent consumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
