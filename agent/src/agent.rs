@@ -101,14 +101,21 @@ impl Agent {
                         self.check_own_node(keys.iter().map(|k| k.name.clone()).collect());
                     }
                 }
-                Event::Apply(Object::EndpointSlice(slice)) => {
-                    if let Some(t) = trigger_time(slice) {
-                        self.triggers.push(t);
-                    }
-                }
                 _ => {}
             }
+            let trigger = match &event {
+                Event::Apply(Object::EndpointSlice(slice)) => trigger_time(slice),
+                _ => None,
+            };
+            let revision = self.index.revision();
             self.index.handle(event);
+            // Only a slice that changed something: a relist re-applies every slice, most of
+            // them unchanged and triggered long ago.
+            if let Some(t) = trigger
+                && self.index.revision() != revision
+            {
+                self.triggers.push(t);
+            }
         }
         let changed = self.index.revision() != before;
         if changed {
@@ -534,6 +541,36 @@ mod tests {
         agent.sync(&mut maps).unwrap();
         assert!(health.readyz().ok, "{}", health.readyz().detail);
         assert!(health.healthz(Instant::now()).ok);
+    }
+
+    #[test]
+    fn trigger_times_count_only_for_slices_that_changed() {
+        let (mut agent, _) = agent();
+        let metrics = agent.metrics.clone();
+        let mut maps = FakeMaps::new();
+        let lists = Kind::ALL.map(|kind| Event::Reset(kind, vec![]));
+        agent.handle(Batch::now(lists.into()));
+        let mut slice = mk_slice("d", "web-1", "web", &[("", 8080, "")], vec![ready("10.0.0.1")]);
+        slice.metadata.annotations = Some(
+            [(source::kube::TRIGGER_TIME_ANNOTATION.to_string(), "2026-01-01T00:00:00Z".into())]
+                .into(),
+        );
+        let count = || {
+            let text = metrics.encode();
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("nodeplane_network_programming_duration_seconds_count ")
+                })
+                .map(|v| v.parse::<u64>().unwrap())
+                .unwrap()
+        };
+        agent.handle(Batch::now(vec![Event::Apply(slice.clone().into())]));
+        agent.sync(&mut maps).unwrap();
+        assert_eq!(count(), 1);
+        // The same slice again, as a relist brings it: not a change, not a latency.
+        agent.handle(Batch::now(vec![Event::Apply(slice.into())]));
+        agent.sync(&mut maps).unwrap();
+        assert_eq!(count(), 1);
     }
 
     #[test]
