@@ -290,6 +290,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = ticks.tick() => {
                 let now = Instant::now();
                 metrics.observe_source(&source_health, now);
+                if let Ok(counters) = datapath.counters() {
+                    metrics.observe_datapath(&counters);
+                }
                 log_staleness(&source_health, now, &mut stale_logged, &events);
             }
             _ = counters.tick(), if !config.counters_interval.is_zero() => {

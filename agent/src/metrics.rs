@@ -1,8 +1,8 @@
 //! Prometheus metrics of the agent, and the HTTP servers for them and for health.
 //!
-//! Names follow Prometheus conventions (base units, `_seconds`, `_total`). This set
-//! is about the control plane: how fresh the sources are and how fast changes reach the
-//! maps. Datapath counters and map occupancy join them with the operability work.
+//! Names follow Prometheus conventions (base units, `_seconds`, `_total`); every metric is
+//! listed in docs/METRICS.md. They cover the control plane (how fresh the sources are, how
+//! fast changes reach the maps, what was skipped) and the datapath's per-reason counters.
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
@@ -29,6 +29,8 @@ use prometheus_client::{
 use std::sync::atomic::AtomicU64;
 use tokio::net::TcpListener;
 
+use nodeplane_common::reason::Reason;
+
 use crate::{health::Health, source::Kind, source::kube::SourceHealth};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,6 +41,18 @@ pub struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
+}
+
+/// A datapath outcome: its reason and whether it dropped the packet.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabel {
+    pub reason: String,
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    pub version: String,
 }
 
 /// The agent's metrics. Cheap to update; encoded on scrape.
@@ -57,8 +71,12 @@ pub struct Metrics {
     pub skipped: Family<ReasonLabel, Gauge>,
     pub frontends: Gauge,
     pub backends: Gauge,
+    pub datapath_packets: Family<VerdictLabel, Counter>,
+    pub datapath_bytes: Family<VerdictLabel, Counter>,
     /// Last seen totals of the source's counters, to add only the difference.
     seen: Mutex<BTreeMap<Kind, (u64, u64)>>,
+    /// Last seen datapath totals per reason (packets, bytes).
+    seen_datapath: Mutex<BTreeMap<&'static str, (u64, u64)>>,
 }
 
 impl Default for Metrics {
@@ -84,9 +102,25 @@ impl Metrics {
             skipped: Family::default(),
             frontends: Gauge::default(),
             backends: Gauge::default(),
+            datapath_packets: Family::default(),
+            datapath_bytes: Family::default(),
             seen: Mutex::default(),
+            seen_datapath: Mutex::default(),
             registry: Registry::default(),
         };
+        let build = Family::<BuildLabel, Gauge>::default();
+        build.get_or_create(&BuildLabel { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        registry.register("build_info", "The agent's version (always 1)", build);
+        registry.register(
+            "datapath_packets",
+            "Packets seen by the datapath programs, by outcome (per-CPU counters summed)",
+            m.datapath_packets.clone(),
+        );
+        registry.register(
+            "datapath_bytes",
+            "Bytes seen by the datapath programs, by outcome",
+            m.datapath_bytes.clone(),
+        );
         registry.register(
             "network_programming_duration_seconds",
             "Time from a change's trigger (the EndpointSlice's last-change-trigger-time) until the datapath maps reflect it",
@@ -148,6 +182,23 @@ impl Metrics {
             self.source_errors.get_or_create(&label).inc_by(h.errors.saturating_sub(*errors));
             self.source_lists.get_or_create(&label).inc_by(h.lists.saturating_sub(*lists));
             (*errors, *lists) = (h.errors, h.lists);
+        }
+    }
+
+    /// Adds what the datapath counted since the last call. A total that went down (the
+    /// maps were recreated with a new datapath) counts from zero again.
+    pub fn observe_datapath(&self, counters: &[(Reason, nodeplane_common::maps::Counter)]) {
+        let mut seen = self.seen_datapath.lock().unwrap_or_else(|e| e.into_inner());
+        for (reason, c) in counters {
+            let label = VerdictLabel {
+                reason: reason.name().into(),
+                verdict: if reason.is_drop() { "drop" } else { "pass" }.into(),
+            };
+            let (packets, bytes) = seen.entry(reason.name()).or_default();
+            let grow = |now: u64, before: u64| if now >= before { now - before } else { now };
+            self.datapath_packets.get_or_create(&label).inc_by(grow(c.packets, *packets));
+            self.datapath_bytes.get_or_create(&label).inc_by(grow(c.bytes, *bytes));
+            (*packets, *bytes) = (c.packets, c.bytes);
         }
     }
 
@@ -216,8 +267,33 @@ mod tests {
             "nodeplane_sync_errors_total",
             "nodeplane_source_stale_seconds{kind=\"Service\"} 0.0",
             "nodeplane_source_watch_errors_total{kind=\"Pod\"}",
+            "nodeplane_build_info{version=",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn datapath_counters_become_prometheus_counters() {
+        use nodeplane_common::maps::Counter;
+        let m = Metrics::new();
+        let at = |p, b| Counter { packets: p, bytes: b };
+        m.observe_datapath(&[(Reason::NatNew, at(3, 300)), (Reason::DropNoBackends, at(1, 60))]);
+        m.observe_datapath(&[(Reason::NatNew, at(5, 500)), (Reason::DropNoBackends, at(1, 60))]);
+        let text = m.encode();
+        for line in [
+            "nodeplane_datapath_packets_total{reason=\"nat-new\",verdict=\"pass\"} 5",
+            "nodeplane_datapath_bytes_total{reason=\"nat-new\",verdict=\"pass\"} 500",
+            "nodeplane_datapath_packets_total{reason=\"no-backends\",verdict=\"drop\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // A new datapath starts from zero: its counts are added, not subtracted.
+        m.observe_datapath(&[(Reason::NatNew, at(2, 200))]);
+        assert!(
+            m.encode().contains(
+                "nodeplane_datapath_packets_total{reason=\"nat-new\",verdict=\"pass\"} 7"
+            )
+        );
     }
 }
