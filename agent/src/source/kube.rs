@@ -30,9 +30,11 @@
 //! kind converges to exactly the API's state. Meanwhile nothing is sent: the datapath keeps
 //! what was last programmed and traffic keeps flowing.
 //!
-//! **Memory.** Objects are [`trim`]med as they arrive, before they are buffered or queued:
-//! managed fields, owner references, every annotation the agent does not read, and all of a
-//! Pod but its labels, node, host-network flag, container ports, IPs and phase.
+//! **Memory.** Objects are [`trim`]med as they arrive, before they are queued: managed
+//! fields, owner references, every annotation the agent does not read, Node images and
+//! conditions. Pods, the bulk of a cluster, are not even decoded whole: they are watched as
+//! [`LeanPod`]s, which hold only labels, node, host-network flag, container ports, IPs and
+//! phase.
 //!
 //! **Filtering like kube-proxy.** Services and EndpointSlices are watched with kube-proxy's
 //! label selector (`!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`),
@@ -48,7 +50,7 @@ use std::{
 use futures::{StreamExt as _, pin_mut};
 use k8s_openapi::{
     api::{
-        core::v1::{Container, ContainerPort, Namespace, Node, Pod, PodSpec, PodStatus, Service},
+        core::v1::{Namespace, Node, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -348,7 +350,6 @@ pub fn trim(obj: &mut Object) {
         ..ObjectMeta::default()
     };
     match obj {
-        Object::Pod(pod) => trim_pod(pod),
         Object::Node(node) => {
             if let Some(status) = &mut node.status {
                 // Keep the addresses; drop images (often the largest part), conditions...
@@ -363,40 +364,11 @@ pub fn trim(obj: &mut Object) {
                 status.conditions = None;
             }
         }
-        Object::EndpointSlice(_) | Object::Namespace(_) | Object::NetworkPolicy(_) => {}
-    }
-}
-
-fn trim_pod(pod: &mut Pod) {
-    if let Some(spec) = pod.spec.take() {
-        let ports = |c: Container| Container {
-            name: c.name,
-            ports: c.ports.map(|ps| {
-                ps.into_iter()
-                    .map(|p| ContainerPort {
-                        name: p.name,
-                        container_port: p.container_port,
-                        protocol: p.protocol,
-                        ..Default::default()
-                    })
-                    .collect()
-            }),
-            ..Default::default()
-        };
-        pod.spec = Some(PodSpec {
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            containers: spec.containers.into_iter().map(ports).collect(),
-            ..Default::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            ..Default::default()
-        });
+        // Pods arrive lean (`lean::LeanPod`): nothing left to drop.
+        Object::Pod(_)
+        | Object::EndpointSlice(_)
+        | Object::Namespace(_)
+        | Object::NetworkPolicy(_) => {}
     }
 }
 
@@ -449,54 +421,6 @@ mod tests {
         assert_eq!(b.next(), Duration::from_secs(1));
         b.reset();
         assert!(b.next() < Duration::from_millis(150));
-    }
-
-    #[test]
-    fn trimming_keeps_what_the_index_reads_and_drops_the_rest() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "web-0", "namespace": "demo", "uid": "u1", "resourceVersion": "7",
-                "labels": {"app": "web"},
-                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
-                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r"}]
-            },
-            "spec": {
-                "nodeName": "n1", "hostNetwork": false,
-                "containers": [{
-                    "name": "web", "image": "nginx:1.27", "env": [{"name": "A", "value": "b"}],
-                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP", "hostPort": 80}]
-                }],
-                "volumes": [{"name": "v", "emptyDir": {}}]
-            },
-            "status": {
-                "phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}],
-                "conditions": [{"type": "Ready", "status": "True"}],
-                "containerStatuses": [{"name": "web", "image": "nginx", "imageID": "x", "ready": true, "restartCount": 0}]
-            }
-        }))
-        .unwrap();
-        let mut with_full = crate::index::Index::new();
-        with_full.apply(pod.clone());
-        let mut obj = Object::Pod(pod);
-        trim(&mut obj);
-        let Object::Pod(trimmed) = &obj else { unreachable!() };
-        let m = &trimmed.metadata;
-        assert!(
-            m.managed_fields.is_none() && m.owner_references.is_none() && m.annotations.is_none()
-        );
-        assert_eq!(m.labels.as_ref().unwrap()["app"], "web");
-        let spec = trimmed.spec.as_ref().unwrap();
-        assert!(spec.volumes.is_none());
-        assert_eq!(spec.containers[0].image, None);
-        assert_eq!(spec.containers[0].env, None);
-        let status = trimmed.status.as_ref().unwrap();
-        assert!(status.conditions.is_none() && status.container_statuses.is_none());
-        // The index sees the same Pod either way.
-        let mut with_trimmed = crate::index::Index::new();
-        with_trimmed.apply(obj.clone());
-        assert_eq!(with_full.pods().collect::<Vec<_>>(), with_trimmed.pods().collect::<Vec<_>>());
-        assert_eq!(with_trimmed.pods().next().unwrap().container_ports.len(), 1);
     }
 
     #[test]
