@@ -123,11 +123,7 @@ pub fn compute(index: &Index) -> Desired {
 
 /// The desired maps of the agent on `node`.
 pub fn compute_for(index: &Index, node: &NodeContext) -> Desired {
-    compute_with(index, node, &internal_traffic_policy_local)
-}
-
-fn internal_traffic_policy_local(service: &Service) -> bool {
-    service.internal_traffic_policy_local
+    compute_with(index, node, &|s| s.internal_traffic_policy_local)
 }
 
 /// [`compute_for`] with the policy accessor as a parameter, so the rules can be tested on
@@ -141,35 +137,41 @@ fn compute_with(
     let vips = cluster_ips(index);
     for service in index.services() {
         let scope = Scope::new(policy_local(service), node);
-        let frontends = match service_frontends(index, service, scope, &vips, &mut desired.skipped)
-        {
-            Ok(frontends) => frontends,
-            Err(reason) => {
-                desired.skipped.push((service.key.clone(), reason));
-                continue;
-            }
-        };
-        for (key, frontend) in frontends {
-            match desired.frontends.entry(key) {
-                Entry::Vacant(slot) => {
-                    slot.insert(frontend);
-                }
-                // ClusterIPs are allocated uniquely, so this takes a broken or hand-written
-                // state; the first Service in key order keeps the frontend.
-                Entry::Occupied(taken) => desired.skipped.push((
-                    frontend.service.clone(),
-                    format!(
-                        "frontend {} is already served by {}",
-                        describe(&key),
-                        taken.get().service
-                    ),
-                )),
-            }
-        }
+        add_service(&mut desired, index, service, scope, &vips);
     }
     desired.skipped.sort();
     desired.skipped.dedup();
     desired
+}
+
+/// Adds the frontends of `service` to `desired`, and notes why any were left out.
+fn add_service(
+    desired: &mut Desired,
+    index: &Index,
+    service: &Service,
+    scope: Scope<'_>,
+    vips: &BTreeMap<Ipv4Addr, &ObjectKey>,
+) {
+    let frontends = match service_frontends(index, service, scope, vips, &mut desired.skipped) {
+        Ok(frontends) => frontends,
+        Err(reason) => {
+            desired.skipped.push((service.key.clone(), reason));
+            return;
+        }
+    };
+    for (key, frontend) in frontends {
+        match desired.frontends.entry(key) {
+            Entry::Vacant(slot) => {
+                slot.insert(frontend);
+            }
+            // ClusterIPs are allocated uniquely, so this takes a broken or hand-written
+            // state; the first Service in key order keeps the frontend.
+            Entry::Occupied(taken) => desired.skipped.push((
+                service.key.clone(),
+                format!("frontend {} is already served by {}", describe(&key), taken.get().service),
+            )),
+        }
+    }
 }
 
 /// Every ClusterIP and its Service. A backend must never be a ClusterIP: the datapath
@@ -213,34 +215,17 @@ pub fn update(
             desired.frontends.remove(k);
         }
         desired.skipped.retain(|(service, _)| service != key);
-        let Some(service) = index.service(key) else {
-            changed.extend(old.keys());
-            continue;
-        };
-        let scope = Scope::new(internal_traffic_policy_local(service), node);
-        match service_frontends(index, service, scope, &vips, &mut desired.skipped) {
-            Ok(frontends) => {
-                for (k, frontend) in frontends {
-                    match desired.frontends.entry(k) {
-                        Entry::Vacant(slot) => {
-                            if old.get(&k) != Some(&frontend) {
-                                changed.insert(k);
-                            }
-                            slot.insert(frontend);
-                        }
-                        Entry::Occupied(taken) => desired.skipped.push((
-                            key.clone(),
-                            format!(
-                                "frontend {} is already served by {}",
-                                describe(&k),
-                                taken.get().service
-                            ),
-                        )),
-                    }
-                }
-            }
-            Err(reason) => desired.skipped.push((key.clone(), reason)),
+        if let Some(service) = index.service(key) {
+            let scope = Scope::new(service.internal_traffic_policy_local, node);
+            add_service(desired, index, service, scope, &vips);
         }
+        changed.extend(
+            desired
+                .frontends
+                .iter()
+                .filter(|(k, f)| f.service == *key && old.get(k) != Some(f))
+                .map(|(k, _)| *k),
+        );
         changed.extend(old.keys().filter(|k| !desired.frontends.contains_key(k)));
     }
     desired.skipped.sort();
