@@ -217,34 +217,22 @@ impl Syncer {
             .iter()
             .map(|(id, backend)| Op::PutBackend { id: *id, backend: *backend })
             .collect();
+        for (key, service_id, frontend) in &frontends {
+            r.frontend_ops(*key, *service_id, frontend, &ids, &mut ops);
+        }
         // Slot references each backend gains (+) or loses (-) in this plan.
         let mut delta: BTreeMap<u32, i64> = BTreeMap::new();
-        for (key, service_id, frontend) in &frontends {
-            let count = frontend.backends.len() as u32;
-            for (slot, backend) in (0..).zip(&frontend.backends) {
-                let backend_id = ids[backend];
-                let slot_key = SlotKey { service_id: *service_id, slot };
-                let old = r.slots.get(&slot_key).copied();
-                if old != Some(backend_id) {
-                    ops.push(Op::PutSlot { key: slot_key, backend_id });
-                    *delta.entry(backend_id).or_default() += 1;
-                    if let Some(old) = old {
-                        *delta.entry(old).or_default() -= 1;
-                    }
-                }
-            }
-            let value = ServiceValue {
-                service_id: *service_id,
-                backend_count: count,
-                flags: 0,
-                _reserved: 0,
+        for op in &ops {
+            let (gained, slot) = match op {
+                Op::PutSlot { key, backend_id } => (Some(*backend_id), key),
+                Op::DelSlot { key } => (None, key),
+                _ => continue,
             };
-            if r.services.get(key) != Some(&value) {
-                ops.push(Op::PutService { key: *key, value });
+            if let Some(id) = gained {
+                *delta.entry(id).or_default() += 1;
             }
-            for slot_key in r.slots_of(*service_id).filter(|k| k.slot >= count) {
-                ops.push(Op::DelSlot { key: slot_key });
-                *delta.entry(r.slots[&slot_key]).or_default() -= 1;
+            if let Some(lost) = r.slots.get(slot) {
+                *delta.entry(*lost).or_default() -= 1;
             }
         }
         // A backend's references are its own entry plus the slots naming it: one left means
@@ -384,22 +372,7 @@ impl Syncer {
 
         // 4. New and changed frontends: slots, count, surplus slots.
         for (key, id, frontend) in &sel.frontends {
-            let count = frontend.backends.len() as u32;
-            for (slot, backend) in (0..).zip(&frontend.backends) {
-                let Some(backend_id) = sel.backend_id.get(backend).copied() else {
-                    continue; // unreachable: select assigned every backend an id
-                };
-                let key = SlotKey { service_id: *id, slot };
-                if r.slots.get(&key) != Some(&backend_id) {
-                    ops.push(Op::PutSlot { key, backend_id });
-                }
-            }
-            let value =
-                ServiceValue { service_id: *id, backend_count: count, flags: 0, _reserved: 0 };
-            if r.services.get(key) != Some(&value) {
-                ops.push(Op::PutService { key: *key, value });
-            }
-            ops.extend(r.slots_of(*id).filter(|k| k.slot >= count).map(|key| Op::DelSlot { key }));
+            r.frontend_ops(*key, *id, frontend, &sel.backend_id, &mut ops);
         }
 
         // 5. Backends nothing points at any more.
@@ -449,6 +422,33 @@ impl Realized {
 
     fn slot_count(&self, service_id: u32) -> usize {
         self.slots_of(service_id).count()
+    }
+
+    /// Step 4 for one frontend with service id `id`: its changed slots, then its entry with
+    /// the new count, then its surplus slots. `ids` names every backend it uses.
+    fn frontend_ops(
+        &self,
+        key: ServiceKeyV4,
+        id: u32,
+        frontend: &Frontend,
+        ids: &BTreeMap<BackendV4, u32>,
+        ops: &mut Vec<Op>,
+    ) {
+        let count = frontend.backends.len() as u32;
+        for (slot, backend) in (0..).zip(&frontend.backends) {
+            let Some(backend_id) = ids.get(backend).copied() else {
+                continue; // unreachable: every backend was given an id before planning
+            };
+            let key = SlotKey { service_id: id, slot };
+            if self.slots.get(&key) != Some(&backend_id) {
+                ops.push(Op::PutSlot { key, backend_id });
+            }
+        }
+        let value = ServiceValue { service_id: id, backend_count: count, flags: 0, _reserved: 0 };
+        if self.services.get(&key) != Some(&value) {
+            ops.push(Op::PutService { key, value });
+        }
+        ops.extend(self.slots_of(id).filter(|k| k.slot >= count).map(|key| Op::DelSlot { key }));
     }
 
     /// Mirrors one successful write, keeping id reference counts.
