@@ -86,23 +86,10 @@ impl Agent {
         let before = self.index.revision();
         let mut listed = false;
         for event in batch.events {
-            match &event {
-                Event::Reset(kind, objs) => {
-                    self.health.listed(*kind);
-                    listed = true;
-                    if *kind == Kind::Node {
-                        self.check_own_node(objs.iter().map(|o| o.key().name).collect());
-                    }
-                }
-                Event::Retain(kind, keys) => {
-                    self.health.listed(*kind);
-                    listed = true;
-                    if *kind == Kind::Node {
-                        self.check_own_node(keys.iter().map(|k| k.name.clone()).collect());
-                    }
-                }
-                _ => {}
-            }
+            let relisted = match &event {
+                Event::Reset(kind, _) | Event::Retain(kind, _) => Some(*kind),
+                _ => None,
+            };
             let trigger = match &event {
                 Event::Apply(Object::EndpointSlice(slice)) => trigger_time(slice),
                 _ => None,
@@ -116,6 +103,13 @@ impl Agent {
             {
                 self.triggers.push(t);
             }
+            if let Some(kind) = relisted {
+                self.health.listed(kind);
+                listed = true;
+                if kind == Kind::Node {
+                    self.check_own_node();
+                }
+            }
         }
         let changed = self.index.revision() != before;
         if changed {
@@ -126,9 +120,9 @@ impl Agent {
     }
 
     /// A wrong `--node-name` silently breaks what depends on the node; say so.
-    fn check_own_node(&self, nodes: BTreeSet<String>) {
+    fn check_own_node(&self) {
         let Some(name) = &self.node.node_name else { return };
-        if !nodes.contains(name) {
+        if self.index.node(name).is_none() {
             warn!(node = %name, "this node's Node object is not in the API: check --node-name \
                   (internalTrafficPolicy: Local Services get no local endpoints)");
         }
@@ -166,15 +160,15 @@ impl Agent {
         let wall = SystemTime::now();
         self.health.synced(done);
         let m = &self.metrics;
-        m.sync_duration.observe(metrics::seconds(done - started));
+        m.sync_duration.observe((done - started).as_secs_f64());
         let latencies: Vec<Duration> = self.pending.drain(..).map(|r| done - r).collect();
         for l in &latencies {
-            m.event_programming.observe(metrics::seconds(*l));
+            m.event_programming.observe(l.as_secs_f64());
         }
         for t in self.triggers.drain(..) {
             // A clock skewed into the future would give a negative latency: not observed.
             if let Ok(l) = wall.duration_since(t) {
-                m.network_programming.observe(metrics::seconds(l));
+                m.network_programming.observe(l.as_secs_f64());
             }
         }
         m.frontends.set(stats.services as i64);

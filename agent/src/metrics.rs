@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use axum::{
@@ -209,11 +209,6 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
-}
-
-/// Seconds as a histogram value.
-pub fn seconds(d: Duration) -> f64 {
-    d.as_secs_f64()
 }
 
 /// Serves `/metrics` on `listener` until the process ends.
