@@ -16,7 +16,7 @@ pub const SERVICES: u32 = 10_000;
 pub const ENDPOINTS: u32 = 10;
 
 /// The `i`-th address after `base.0.0` (i < 2^20).
-fn ip(base: [u8; 2], i: u32) -> String {
+pub(crate) fn ip(base: [u8; 2], i: u32) -> String {
     let second = u32::from(base[1]) + (i >> 16);
     format!("{}.{second}.{}.{}", base[0], (i >> 8) & 0xff, i & 0xff)
 }

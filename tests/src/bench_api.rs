@@ -49,7 +49,7 @@ use nodeplane_testapi::TestApi;
 use serde_json::{Value, json};
 use tokio::{runtime::Runtime, sync::mpsc};
 
-use crate::bench_agent::{ENDPOINTS, SERVICES};
+use crate::bench_agent::{ENDPOINTS, SERVICES, ip};
 
 /// Which of the three measurements to run (`nodeplane-bench api-start` etc.).
 #[derive(Clone, Copy, Debug, Default)]
@@ -79,12 +79,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 // --- objects ---
-
-/// The `i`-th address after `base.0.0` (i < 2^20).
-fn ip(base: [u8; 2], i: u32) -> String {
-    let second = u32::from(base[1]) + (i >> 16);
-    format!("{}.{second}.{}.{}", base[0], (i >> 8) & 0xff, i & 0xff)
-}
 
 /// Deterministic lowercase hex, for hashes, uids and container ids.
 fn hex(seed: u64, len: usize) -> String {

@@ -1,6 +1,17 @@
 //! Shared helpers for the privileged tests and the benchmarks: a packet builder and parser
-//! for crafted frames, and a way to run the real `from_pod` program on them.
+//! for crafted frames, a way to run the real `from_pod` and `to_pod` programs on them, and
+//! the binaries `cargo xtask test` built.
+use std::path::PathBuf;
+
 pub mod bench_agent;
 pub mod bench_api;
 pub mod packet;
 pub mod run;
+
+/// A binary `cargo xtask test` built and named in `var` (`NODEPLANE_AGENT_BIN`,
+/// `NODEPLANE_LAB_BIN`).
+pub fn bin(var: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{var} is not set: run the tests with `cargo xtask test`"))
+}

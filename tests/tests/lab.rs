@@ -5,22 +5,16 @@ use std::{
     collections::BTreeSet,
     ffi::OsString,
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
     process::Child,
     time::{Duration, Instant},
 };
 
 use nodeplane_lab::{Lab, LabConfig};
+use nodeplane_tests::bin;
 
 const DEMO: &str = include_str!("../../lab/examples/demo.yaml");
 const TIMEOUT: Duration = Duration::from_secs(2);
 const CONVERGE: Duration = Duration::from_secs(20);
-
-fn bin(var: &str) -> PathBuf {
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("{var} is not set: run the tests with `cargo xtask test`"))
-}
 
 /// The demo cluster with the agent running in the node namespace. Dropping it tears the
 /// lab down (which stops the agent) and then reaps the agent process.

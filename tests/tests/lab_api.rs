@@ -22,7 +22,6 @@ use std::{
     ffi::OsString,
     io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    path::PathBuf,
     process::Child,
     sync::{
         Mutex, PoisonError,
@@ -40,6 +39,7 @@ use k8s_openapi::{
 };
 use nodeplane_lab::{Lab, LabConfig, naming::NODE_NAME};
 use nodeplane_testapi::TestApi;
+use nodeplane_tests::bin;
 use serde_json::Value;
 
 const DEMO: &str = include_str!("../../lab/examples/demo.yaml");
@@ -83,12 +83,6 @@ const HEALTHZ: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
 const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
 /// The EndpointSlice controller's annotation, which the agent's latency SLI reads.
 const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
-fn bin(var: &str) -> PathBuf {
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("{var} is not set: run the tests with `cargo xtask test`"))
-}
 
 // --- the harness ---
 
