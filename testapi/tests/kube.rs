@@ -217,16 +217,27 @@ async fn watcher_lists_then_watches() {
     .await;
 }
 
+type ServiceEvents =
+    futures::channel::mpsc::UnboundedReceiver<Result<watcher::Event<Service>, watcher::Error>>;
+
+/// A server holding Service `ns/a` and a watcher (with kube's default backoff) that has
+/// listed it and has its watch open.
+async fn watching_one_service() -> (TestApi, Api<Service>, ServiceEvents) {
+    let api = TestApi::start().await.unwrap();
+    api.apply(&svc("ns", "a", &[]));
+    let services: Api<Service> = Api::all(api.client().await);
+    let mut stream =
+        spawned(watcher(services.clone(), watcher::Config::default()).default_backoff());
+    assert_eq!(events(&mut stream, 3).await, ["Init", "InitApply(ns/a)", "InitDone"]);
+    wait_until("the watch is open", || api.stats().watch_count("services") == 1).await;
+    (api, services, stream)
+}
+
 #[tokio::test]
 async fn dropped_connections_resume_without_a_relist() {
     bounded(async {
-        let api = TestApi::start().await.unwrap();
-        api.apply(&svc("ns", "a", &[]));
-        let services: Api<Service> = Api::all(api.client().await);
-        let mut stream = spawned(watcher(services, watcher::Config::default()));
-        assert_eq!(events(&mut stream, 3).await, ["Init", "InitApply(ns/a)", "InitDone"]);
-        // Let the watch start, so the drop cuts an open stream.
-        wait_until("the watch is open", || api.stats().watch_count("services") == 1).await;
+        // The watch is open, so the drop cuts an open stream.
+        let (api, _, mut stream) = watching_one_service().await;
         api.drop_connections();
         api.apply(&svc("ns", "b", &[]));
         assert_eq!(events(&mut stream, 1).await, ["Apply(ns/b)"]);
@@ -273,14 +284,7 @@ async fn compaction_forces_a_relist_that_drops_silent_deletes() {
 #[tokio::test]
 async fn unavailable_server_answers_503_and_the_watcher_recovers() {
     bounded(async {
-        let api = TestApi::start().await.unwrap();
-        api.apply(&svc("ns", "a", &[]));
-        let client = api.client().await;
-        let services: Api<Service> = Api::all(client.clone());
-        let mut stream =
-            spawned(watcher(services.clone(), watcher::Config::default()).default_backoff());
-        assert_eq!(events(&mut stream, 3).await, ["Init", "InitApply(ns/a)", "InitDone"]);
-        wait_until("the watch is open", || api.stats().watch_count("services") == 1).await;
+        let (api, services, mut stream) = watching_one_service().await;
 
         api.set_unavailable(true);
         api.apply(&svc("ns", "b", &[]));
@@ -307,14 +311,7 @@ async fn unavailable_server_answers_503_and_the_watcher_recovers() {
 #[tokio::test]
 async fn unreachable_server_fails_requests_and_the_watcher_recovers() {
     bounded(async {
-        let api = TestApi::start().await.unwrap();
-        api.apply(&svc("ns", "a", &[]));
-        let client = api.client().await;
-        let services: Api<Service> = Api::all(client.clone());
-        let mut stream =
-            spawned(watcher(services.clone(), watcher::Config::default()).default_backoff());
-        assert_eq!(events(&mut stream, 3).await, ["Init", "InitApply(ns/a)", "InitDone"]);
-        wait_until("the watch is open", || api.stats().watch_count("services") == 1).await;
+        let (api, services, mut stream) = watching_one_service().await;
 
         api.set_unreachable(true);
         let err = tokio::time::timeout(STEP, services.list(&ListParams::default()))
