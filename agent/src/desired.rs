@@ -205,28 +205,28 @@ pub fn update(
     let vips = cluster_ips(index);
     let mut changed = BTreeSet::new();
     for key in &dirty.services {
-        let old: BTreeMap<ServiceKeyV4, Frontend> = desired
-            .frontends
-            .iter()
-            .filter(|(_, f)| f.service == *key)
-            .map(|(k, f)| (*k, f.clone()))
-            .collect();
-        for k in old.keys() {
-            desired.frontends.remove(k);
+        // A Service that is gone (or never was) has no frontends: deleting one is a Service
+        // change, which took the full path above.
+        let Some(service) = index.service(key) else { continue };
+        // Its frontend keys follow from the Service alone, which has not changed; the ones
+        // it holds are those not lost to another Service.
+        let mut old: BTreeMap<ServiceKeyV4, Frontend> = BTreeMap::new();
+        for k in frontend_keys(service) {
+            if let Entry::Occupied(f) = desired.frontends.entry(k)
+                && f.get().service == *key
+            {
+                old.insert(k, f.remove());
+            }
         }
         desired.skipped.retain(|(service, _)| service != key);
-        if let Some(service) = index.service(key) {
-            let scope = Scope::new(service.internal_traffic_policy_local, node);
-            add_service(desired, index, service, scope, &vips);
+        let scope = Scope::new(service.internal_traffic_policy_local, node);
+        add_service(desired, index, service, scope, &vips);
+        for k in frontend_keys(service) {
+            let now = desired.frontends.get(&k).filter(|f| f.service == *key);
+            if now != old.get(&k) {
+                changed.insert(k);
+            }
         }
-        changed.extend(
-            desired
-                .frontends
-                .iter()
-                .filter(|(k, f)| f.service == *key && old.get(k) != Some(f))
-                .map(|(k, _)| *k),
-        );
-        changed.extend(old.keys().filter(|k| !desired.frontends.contains_key(k)));
     }
     desired.skipped.sort();
     desired.skipped.dedup();
@@ -261,8 +261,7 @@ fn service_frontends(
                 backends.len()
             ));
         }
-        for vip in &service.cluster_ips_v4 {
-            let key = ServiceKeyV4::new(vip.octets(), port.port, port.protocol.ipproto());
+        for key in port_keys(service, port) {
             let frontend = Frontend {
                 service: service.key.clone(),
                 port_name: port.name.clone(),
@@ -272,6 +271,20 @@ fn service_frontends(
         }
     }
     Ok(out)
+}
+
+/// The frontend keys of one ServicePort: one per ClusterIP.
+fn port_keys<'s>(
+    service: &'s Service,
+    port: &'s ServicePort,
+) -> impl Iterator<Item = ServiceKeyV4> + 's {
+    let proto = port.protocol.ipproto();
+    service.cluster_ips_v4.iter().map(move |vip| ServiceKeyV4::new(vip.octets(), port.port, proto))
+}
+
+/// Every frontend key of a Service: ClusterIPs x ports.
+fn frontend_keys(service: &Service) -> impl Iterator<Item = ServiceKeyV4> + '_ {
+    service.ports.iter().flat_map(|port| port_keys(service, port))
 }
 
 /// `10.96.0.10:53/UDP`, for messages about a frontend.
