@@ -164,40 +164,38 @@ pub async fn run(
             .timeout(settings.watch_timeout.as_secs() as u32)
     };
     let own_node = plain().fields(&format!("metadata.name={}", settings.node_name));
-    let c = &client;
-    let (s, t, h) = (&settings, &tx, &health);
+    let spawn = Spawner { client: &client, settings: &settings, tx: &tx, health: &health };
     let tasks = [
-        tokio::spawn(watch_kind(
-            Kind::Namespace,
-            Api::<Namespace>::all(c.clone()),
-            plain(),
-            s,
-            t,
-            h,
-        )),
-        tokio::spawn(watch_kind(Kind::Node, Api::<Node>::all(c.clone()), own_node, s, t, h)),
+        spawn.watch::<Namespace>(Kind::Namespace, plain()),
+        spawn.watch::<Node>(Kind::Node, own_node),
         // Pods are decoded lean: only what the index reads (see `lean`).
-        tokio::spawn(watch_kind(Kind::Pod, Api::<LeanPod>::all(c.clone()), plain(), s, t, h)),
-        tokio::spawn(watch_kind(
-            Kind::NetworkPolicy,
-            Api::<NetworkPolicy>::all(c.clone()),
-            plain(),
-            s,
-            t,
-            h,
-        )),
-        tokio::spawn(watch_kind(Kind::Service, Api::<Service>::all(c.clone()), proxied(), s, t, h)),
-        tokio::spawn(watch_kind(
-            Kind::EndpointSlice,
-            Api::<EndpointSlice>::all(c.clone()),
-            proxied(),
-            s,
-            t,
-            h,
-        )),
+        spawn.watch::<LeanPod>(Kind::Pod, plain()),
+        spawn.watch::<NetworkPolicy>(Kind::NetworkPolicy, plain()),
+        spawn.watch::<Service>(Kind::Service, proxied()),
+        spawn.watch::<EndpointSlice>(Kind::EndpointSlice, proxied()),
     ];
     for task in tasks {
         let _ = task.await;
+    }
+}
+
+/// What every kind's watcher task shares.
+struct Spawner<'a> {
+    client: &'a Client,
+    settings: &'a Settings,
+    tx: &'a mpsc::Sender<Batch>,
+    health: &'a SourceHealth,
+}
+
+impl Spawner<'_> {
+    /// Starts `kind`'s watcher (objects of type `K`) on its own task.
+    fn watch<K>(&self, kind: Kind, config: watcher::Config) -> tokio::task::JoinHandle<()>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        Object: From<K>,
+    {
+        let api = Api::<K>::all(self.client.clone());
+        tokio::spawn(watch_kind(kind, api, config, self.settings, self.tx, self.health))
     }
 }
 
