@@ -41,8 +41,9 @@ use nodeplane_agent::{
     health::Health,
     metrics::Metrics,
     source::{
-        Batch, Event, Kind, Object,
+        Batch, Event, Kind,
         kube::{Settings, SourceHealth},
+        lean::LeanPod,
     },
 };
 use nodeplane_testapi::TestApi;
@@ -293,35 +294,30 @@ pub fn pod(i: u32) -> Value {
     })
 }
 
-/// JSON sizes of a Pod: as served, its `managedFields`, and after the agent's `trim`.
+/// JSON sizes of a Pod: as served, its `managedFields`, and what the agent keeps of it
+/// (decoded as a `LeanPod`, as the API source does).
 pub fn pod_sizes() -> (usize, usize, usize) {
     let value = pod(PODS / 2);
     let len = |v: &Value| serde_json::to_vec(v).expect("JSON serializes").len();
     let managed = value.pointer("/metadata/managedFields").map_or(0, len);
-    let typed: Pod = serde_json::from_value(value.clone()).expect("the bench Pod is a valid Pod");
-    let mut obj = Object::from(typed);
-    nodeplane_agent::source::kube::trim(&mut obj);
-    let Object::Pod(trimmed) = obj else { unreachable!("trim keeps the kind") };
-    let trimmed = serde_json::to_value(&trimmed).expect("a Pod serializes");
-    (len(&value), managed, len(&trimmed))
+    let lean: LeanPod = serde_json::from_value(value.clone()).expect("the bench Pod is a Pod");
+    let kept = serde_json::to_value(Pod::from(lean)).expect("a Pod serializes");
+    (len(&value), managed, len(&kept))
 }
 
-/// Median time to deserialize one Pod (and drop it), with and without its `managedFields`:
-/// what the watcher pays per Pod before `trim` can drop anything. Interleaved rounds.
+/// Median time to deserialize one Pod (and drop it) as a full k8s-openapi `Pod` and as the
+/// `LeanPod` the API source decodes. Interleaved rounds.
 pub fn pod_decode_cost() -> (Duration, Duration) {
-    let full = pod(PODS / 2);
-    let mut bare = full.clone();
-    if let Some(meta) = bare.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("managedFields");
-    }
-    let bytes = [full, bare].map(|v| serde_json::to_vec(&v).expect("a Pod serializes"));
+    let bytes = serde_json::to_vec(&pod(PODS / 2)).expect("a Pod serializes");
+    let full = || drop(std::hint::black_box(serde_json::from_slice::<Pod>(&bytes).unwrap()));
+    let lean = || drop(std::hint::black_box(serde_json::from_slice::<LeanPod>(&bytes).unwrap()));
+    let decoders: [&dyn Fn(); 2] = [&full, &lean];
     let mut times = [Vec::new(), Vec::new()];
     for _ in 0..10 {
-        for (b, t) in bytes.iter().zip(&mut times) {
+        for (decode, t) in decoders.iter().zip(&mut times) {
             for _ in 0..200 {
                 let start = Instant::now();
-                let pod: Pod = serde_json::from_slice(b).expect("the bench Pod is a valid Pod");
-                drop(std::hint::black_box(pod));
+                decode();
                 t.push(start.elapsed());
             }
         }
@@ -786,15 +782,15 @@ pub fn run(parts: Parts) {
          the in-process test API server (loaded in {:.1} s)",
         t.elapsed().as_secs_f64()
     );
-    let (pod_json, pod_managed, pod_trimmed) = pod_sizes();
-    let (decode, decode_bare) = pod_decode_cost();
+    let (pod_json, pod_managed, pod_kept) = pod_sizes();
+    let (decode_full, decode_lean) = pod_decode_cost();
     println!(
-        "  a Pod is {pod_json} bytes of JSON ({pod_managed} of managedFields), {pod_trimmed} after \
-         the agent's trim; deserializing one takes {:.1} us, {:.1} us without its managedFields \
+        "  a Pod is {pod_json} bytes of JSON ({pod_managed} of managedFields), {pod_kept} kept by \
+         the agent; deserializing one takes {:.1} us as a full Pod, {:.1} us as a LeanPod \
          ({:.2}x)",
-        decode.as_secs_f64() * 1e6,
-        decode_bare.as_secs_f64() * 1e6,
-        decode.as_secs_f64() / decode_bare.as_secs_f64()
+        decode_full.as_secs_f64() * 1e6,
+        decode_lean.as_secs_f64() * 1e6,
+        decode_full.as_secs_f64() / decode_lean.as_secs_f64()
     );
     let configs = [("services only", &small), ("services + 50,000 pods", &full)];
     if parts.start {
