@@ -24,5 +24,6 @@ pub mod health;
 pub mod index;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod source;
 pub mod sync;

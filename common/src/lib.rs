@@ -10,4 +10,5 @@
 pub mod csum;
 pub mod ct;
 pub mod maps;
+pub mod policy;
 pub mod reason;

@@ -161,6 +161,16 @@ pub mod names {
     pub const BACKENDS_V4: &str = "BACKENDS_V4";
     pub const CT_V4: &str = "CT_V4";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const IPCACHE_V4: &str = "IPCACHE_V4";
+    pub const ENDPOINTS_V4: &str = "ENDPOINTS_V4";
+    pub const POLICY_V4: &str = "POLICY_V4";
+    pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
+    pub const POLICY_CT_V4: &str = "POLICY_CT_V4";
+    pub const FRAGS_V4: &str = "FRAGS_V4";
+    pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    /// Per-CPU array of two `u64`: flow events written, flow events lost (ring full).
+    pub const FLOW_EVENT_COUNTERS: &str = "FLOW_EVENT_COUNTERS";
     /// The tc program on the ingress of the host side of every pod veth (what pods send).
     pub const PROG_FROM_POD: &str = "from_pod";
     /// The tc program on the egress of the same interfaces (what is delivered to pods).

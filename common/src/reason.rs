@@ -35,10 +35,15 @@ pub enum Reason {
     DropRewriteFailed = 13,
     /// Dropped: conntrack insert failed (should not happen with an LRU map).
     DropCtInsertFailed = 14,
+    /// Dropped: NetworkPolicy denies the flow (at the source's egress or the destination's ingress).
+    DropPolicy = 15,
+    /// Dropped: a non-first fragment to or from an isolated pod whose first fragment was
+    /// not seen (or not allowed): its ports, hence its verdict, are unknown.
+    DropPolicyFragment = 16,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Self::PassNotIpv4,
@@ -56,6 +61,8 @@ impl Reason {
         Self::DropNoBackendEntry,
         Self::DropRewriteFailed,
         Self::DropCtInsertFailed,
+        Self::DropPolicy,
+        Self::DropPolicyFragment,
     ];
 
     pub const fn from_index(i: u32) -> Option<Self> {
@@ -84,6 +91,8 @@ impl Reason {
             Self::DropNoBackendEntry => "no-backend-entry",
             Self::DropRewriteFailed => "rewrite-failed",
             Self::DropCtInsertFailed => "ct-insert-failed",
+            Self::DropPolicy => "policy-denied",
+            Self::DropPolicyFragment => "policy-fragment",
         }
     }
 }

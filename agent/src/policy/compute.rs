@@ -1,0 +1,1 @@
+//! Computing the datapath policy maps (identities, ipcache, endpoints, policy entries).

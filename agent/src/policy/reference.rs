@@ -1,0 +1,1 @@
+//! The reference semantics of NetworkPolicy, in plain Rust.
