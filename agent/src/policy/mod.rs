@@ -16,6 +16,8 @@
 //! nothing ([`Peers::Only`] / [`Ports::Only`] with an empty vector), never everything.
 use std::fmt;
 
+use nodeplane_common::policy::{EndpointV4, PolicyConfig, PolicyKey, PolicyValue};
+
 use crate::model::{Ipv4Cidr, Labels, ObjectKey};
 
 pub mod compute;
@@ -166,4 +168,46 @@ impl Requirement {
             Operator::DoesNotExist => value.is_none(),
         }
     }
+}
+
+/// One write to the policy maps, as planned by the policy syncer and applied by a
+/// [`PolicyWriter`] (the kernel maps, or a fake in tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyOp {
+    PutIpcache {
+        cidr: Ipv4Cidr,
+        identity: u32,
+    },
+    DelIpcache {
+        cidr: Ipv4Cidr,
+    },
+    PutEndpoint {
+        addr: std::net::Ipv4Addr,
+        value: EndpointV4,
+    },
+    DelEndpoint {
+        addr: std::net::Ipv4Addr,
+    },
+    /// An LPM entry of `POLICY_V4`: `key` matched on its first `prefix_len` bits.
+    PutRule {
+        key: PolicyKey,
+        prefix_len: u32,
+        value: PolicyValue,
+    },
+    DelRule {
+        key: PolicyKey,
+        prefix_len: u32,
+    },
+    SetConfig(PolicyConfig),
+}
+
+pub trait PolicyWriter {
+    fn apply_policy(&mut self, op: &PolicyOp) -> Result<(), PolicyWriteError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{op:?} failed: {reason}")]
+pub struct PolicyWriteError {
+    pub op: PolicyOp,
+    pub reason: String,
 }
