@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use clap::{ArgMatches, parser::ValueSource};
 use serde::Deserialize;
 
-use crate::model::Ipv4Cidr;
+use crate::{flowlog::FlowLogOutput, model::Ipv4Cidr};
 
 /// `nodeplane-agent run`'s flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -88,6 +88,37 @@ pub struct RunArgs {
     /// How often to log datapath counters that changed (0s: never).
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub counters_interval: Duration,
+
+    /// Log NetworkPolicy verdicts as JSON lines (one object per denied packet, and per
+    /// allowed new flow with --flow-log-allowed) to this file (appended to, created 0640) or
+    /// to stdout with `-`. Default: off. The line format is in docs/METRICS.md.
+    #[arg(long, env = "NODEPLANE_FLOW_LOG", value_name = "PATH|-")]
+    pub flow_log: Option<String>,
+
+    /// With --flow-log: also log allowed new flows into and out of isolated pods, not only
+    /// denied packets.
+    #[arg(
+        long,
+        env = "NODEPLANE_FLOW_LOG_ALLOWED",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = clap::value_parser!(bool)
+    )]
+    pub flow_log_allowed: bool,
+
+    /// With --flow-log: verdicts per second written as their own line. Above it, verdicts
+    /// are counted per (source, destination, port, protocol, verdict) and written as one
+    /// line with a count at the end of each second, so a flood cannot fill the disk or
+    /// load the node. 0: only those summary lines.
+    #[arg(long, env = "NODEPLANE_FLOW_LOG_RATE", default_value = "1000", value_name = "EVENTS/S")]
+    pub flow_log_rate: u32,
+
+    /// With --flow-log: verdicts written at once after a quiet period (the token bucket's
+    /// size). Default: twice --flow-log-rate.
+    #[arg(long, env = "NODEPLANE_FLOW_LOG_BURST", value_name = "EVENTS")]
+    pub flow_log_burst: Option<u32>,
 }
 
 /// A bind address, or none to disable a server.
@@ -128,6 +159,10 @@ struct FileConfig {
     poll_interval: Option<String>,
     iface_interval: Option<String>,
     counters_interval: Option<String>,
+    flow_log: Option<String>,
+    flow_log_allowed: Option<bool>,
+    flow_log_rate: Option<u32>,
+    flow_log_burst: Option<u32>,
 }
 
 /// Where cluster state comes from.
@@ -153,6 +188,31 @@ pub struct Config {
     pub iface_prefixes: Vec<String>,
     pub iface_interval: Duration,
     pub counters_interval: Duration,
+    /// `None`: no flow log (`--flow-log` not given or empty).
+    pub flow_log: Option<FlowLogConfig>,
+}
+
+/// The NetworkPolicy verdict log's settings ([`crate::flowlog`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowLogConfig {
+    pub output: FlowLogOutput,
+    /// Log allowed new flows too: the datapath needs [`FlowLogConfig::policy_flags`] in
+    /// `PolicyConfig.flags` for it.
+    pub log_allowed: bool,
+    /// Events per second written as their own line.
+    pub rate: u32,
+    /// Token bucket size.
+    pub burst: u32,
+}
+
+impl FlowLogConfig {
+    /// The `POLICY_CFG_F_*` bits the flow log asks of the datapath.
+    pub fn policy_flags(config: Option<&Self>) -> u32 {
+        match config {
+            Some(c) if c.log_allowed => nodeplane_common::policy::POLICY_CFG_F_LOG_ALLOWED,
+            _ => 0,
+        }
+    }
 }
 
 impl Config {
@@ -198,6 +258,10 @@ impl Config {
         from_file!(poll_interval, "pollInterval", |v| parse_duration(&v));
         from_file!(iface_interval, "ifaceInterval", |v| parse_duration(&v));
         from_file!(counters_interval, "countersInterval", |v| parse_duration(&v));
+        from_file!(flow_log, "flowLog", |v| Ok(Some(v)));
+        from_file!(flow_log_allowed, "flowLogAllowed", |v| Ok(v));
+        from_file!(flow_log_rate, "flowLogRate", |v| Ok(v));
+        from_file!(flow_log_burst, "flowLogBurst", |v| Ok(Some(v)));
 
         let node_name = args.node_name.filter(|n| !n.is_empty());
         let (source, node_name) = match args.manifests {
@@ -215,6 +279,22 @@ impl Config {
         let iface_prefixes: Vec<String> =
             args.iface_prefix.into_iter().filter(|p| !p.is_empty()).collect();
         anyhow::ensure!(!iface_prefixes.is_empty(), "--iface-prefix: at least one prefix needed");
+        let flow_log_burst =
+            args.flow_log_burst.unwrap_or_else(|| args.flow_log_rate.saturating_mul(2));
+        anyhow::ensure!(
+            args.flow_log_rate == 0 || flow_log_burst > 0,
+            "--flow-log-burst: at least 1 with a --flow-log-rate above 0"
+        );
+        // A path, `-` for stdout, or empty for off (so an environment variable or the file
+        // can turn it off).
+        let output = args.flow_log.filter(|s| !s.is_empty()).map(|s| s.parse());
+        let output = output.transpose().map_err(|e| anyhow::anyhow!("--flow-log: {e}"))?;
+        let flow_log = output.map(|output| FlowLogConfig {
+            output,
+            log_allowed: args.flow_log_allowed,
+            rate: args.flow_log_rate,
+            burst: flow_log_burst,
+        });
         Ok(Self {
             source,
             node_name,
@@ -225,6 +305,7 @@ impl Config {
             iface_prefixes,
             iface_interval: args.iface_interval,
             counters_interval: args.counters_interval,
+            flow_log,
         })
     }
 }
@@ -322,5 +403,95 @@ mod tests {
         let c = resolve(&[], "manifests: /tmp/x\nnodeName: n2\n").unwrap();
         assert_eq!(c.node_name.as_deref(), Some("n2"));
         assert!(matches!(c.source, Source::Files { .. }));
+    }
+
+    #[test]
+    fn the_flow_log_is_off_by_default_and_configurable() {
+        let c = resolve(&["--node-name=n"], "").unwrap();
+        assert_eq!(c.flow_log, None);
+        assert_eq!(FlowLogConfig::policy_flags(c.flow_log.as_ref()), 0);
+        // An empty value (e.g. an empty environment variable) is off too.
+        assert_eq!(resolve(&["--node-name=n", "--flow-log="], "").unwrap().flow_log, None);
+
+        let c = resolve(&["--node-name=n", "--flow-log", "-"], "").unwrap();
+        let want = FlowLogConfig {
+            output: FlowLogOutput::Stdout,
+            log_allowed: false,
+            rate: 1000,
+            burst: 2000,
+        };
+        assert_eq!(c.flow_log, Some(want));
+
+        let c = resolve(
+            &[
+                "--node-name=n",
+                "--flow-log=/var/log/flows.log",
+                "--flow-log-allowed",
+                "--flow-log-rate=10",
+            ],
+            "",
+        )
+        .unwrap();
+        let want = FlowLogConfig {
+            output: FlowLogOutput::File("/var/log/flows.log".into()),
+            log_allowed: true,
+            rate: 10,
+            burst: 20,
+        };
+        assert_eq!(c.flow_log.as_ref(), Some(&want));
+        assert_eq!(
+            FlowLogConfig::policy_flags(c.flow_log.as_ref()),
+            nodeplane_common::policy::POLICY_CFG_F_LOG_ALLOWED
+        );
+        let c =
+            resolve(&["--node-name=n", "--flow-log=-", "--flow-log-allowed=false"], "").unwrap();
+        assert!(!c.flow_log.unwrap().log_allowed);
+    }
+
+    #[test]
+    fn flow_log_settings_come_from_the_file_and_flags_beat_it() {
+        let file = "flowLog: /tmp/f.log\nflowLogAllowed: true\nflowLogRate: 5\nflowLogBurst: 7\n";
+        let c = resolve(&["--node-name=n"], file).unwrap();
+        let want = FlowLogConfig {
+            output: FlowLogOutput::File("/tmp/f.log".into()),
+            log_allowed: true,
+            rate: 5,
+            burst: 7,
+        };
+        assert_eq!(c.flow_log, Some(want));
+        let c = resolve(&["--node-name=n", "--flow-log=-", "--flow-log-rate=50"], file).unwrap();
+        let got = c.flow_log.unwrap();
+        assert_eq!((got.output, got.rate, got.burst), (FlowLogOutput::Stdout, 50, 7));
+        // The burst follows a rate from the file when not given.
+        let c = resolve(&["--node-name=n"], "flowLog: \"-\"\nflowLogRate: 3\n").unwrap();
+        assert_eq!(c.flow_log.unwrap().burst, 6);
+        // The file can turn it off again with an empty value.
+        assert_eq!(resolve(&["--node-name=n"], "flowLog: \"\"\n").unwrap().flow_log, None);
+    }
+
+    #[test]
+    fn bad_flow_log_settings_are_errors() {
+        assert!(resolve(&["--node-name=n", "--flow-log-rate=-1"], "").is_err());
+        assert!(resolve(&["--node-name=n", "--flow-log-rate=fast"], "").is_err());
+        assert!(resolve(&["--node-name=n", "--flow-log=-", "--flow-log-burst=0"], "").is_err());
+        let e = resolve(&["--node-name=n"], "flowLogRate: many\n").unwrap_err();
+        assert!(format!("{e:#}").contains("flowLogRate"), "{e:#}");
+        // Rate 0 (summaries only) needs no burst.
+        let c = resolve(&["--node-name=n", "--flow-log=-", "--flow-log-rate=0"], "").unwrap();
+        assert_eq!(c.flow_log.map(|f| (f.rate, f.burst)), Some((0, 0)));
+    }
+
+    #[test]
+    fn flow_log_flags_are_explained_in_help() {
+        let help = Cli::command().render_long_help().to_string();
+        for (flag, env) in [
+            ("--flow-log <PATH|->", "NODEPLANE_FLOW_LOG"),
+            ("--flow-log-allowed", "NODEPLANE_FLOW_LOG_ALLOWED"),
+            ("--flow-log-rate <EVENTS/S>", "NODEPLANE_FLOW_LOG_RATE"),
+            ("--flow-log-burst <EVENTS>", "NODEPLANE_FLOW_LOG_BURST"),
+        ] {
+            assert!(help.contains(flag), "{flag} missing from:\n{help}");
+            assert!(help.contains(&format!("[env: {env}")), "{env} missing from:\n{help}");
+        }
     }
 }

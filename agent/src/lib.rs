@@ -20,6 +20,7 @@ pub mod config;
 pub mod datapath;
 pub mod desired;
 pub mod events;
+pub mod flowlog;
 pub mod health;
 pub mod index;
 pub mod metrics;

@@ -50,6 +50,68 @@ pub struct VerdictLabel {
     pub verdict: String,
 }
 
+/// A NetworkPolicy's verdicts in one direction: `policy` is `namespace/name`, `direction`
+/// `ingress`/`egress`, `verdict` `allow`/`deny`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct PolicyVerdictLabel {
+    pub policy: String,
+    pub direction: String,
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+/// What became of a policy verdict event (`nodeplane_flow_events_total{outcome}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FlowOutcome {
+    /// Written to the flow log as its own line.
+    Written,
+    /// Not written: the ring buffer was full (the kernel's `FLOW_EVENT_COUNTERS[1]`).
+    Lost,
+    /// Over the rate limit: counted in an aggregate or overflow line instead.
+    Suppressed,
+    /// A record the agent could not decode.
+    Malformed,
+    /// Its line could not be written (disk full, closed stdout).
+    WriteError,
+}
+
+impl FlowOutcome {
+    pub const ALL: [FlowOutcome; 5] =
+        [Self::Written, Self::Lost, Self::Suppressed, Self::Malformed, Self::WriteError];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Written => "written",
+            Self::Lost => "lost",
+            Self::Suppressed => "suppressed",
+            Self::Malformed => "malformed",
+            Self::WriteError => "write_error",
+        }
+    }
+}
+
+/// Sizes of the policy maps after a policy sync ([`Metrics::observe_policy_maps`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyMapSizes {
+    /// Distinct peer identities in use.
+    pub identities: usize,
+    /// Entries of `IPCACHE_V4`.
+    pub ipcache: usize,
+    /// Entries of `ENDPOINTS_V4`.
+    pub endpoints: usize,
+    /// Entries of `POLICY_V4`.
+    pub policy: usize,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
     pub version: String,
@@ -73,10 +135,18 @@ pub struct Metrics {
     pub backends: Gauge,
     pub datapath_packets: Family<VerdictLabel, Counter>,
     pub datapath_bytes: Family<VerdictLabel, Counter>,
+    pub policy_verdicts: Family<PolicyVerdictLabel, Counter>,
+    pub flow_events: Family<OutcomeLabel, Counter>,
+    pub policy_identities: Gauge,
+    pub policy_entries: Family<MapLabel, Gauge>,
     /// Last seen totals of the source's counters, to add only the difference.
     seen: Mutex<BTreeMap<Kind, (u64, u64)>>,
     /// Last seen datapath totals per reason (packets, bytes).
     seen_datapath: Mutex<BTreeMap<&'static str, (u64, u64)>>,
+    /// Last seen policy verdict totals.
+    seen_verdicts: Mutex<BTreeMap<PolicyVerdictLabel, u64>>,
+    /// Last seen flow event totals per outcome.
+    seen_flow_events: Mutex<BTreeMap<FlowOutcome, u64>>,
 }
 
 impl Default for Metrics {
@@ -104,8 +174,14 @@ impl Metrics {
             backends: Gauge::default(),
             datapath_packets: Family::default(),
             datapath_bytes: Family::default(),
+            policy_verdicts: Family::default(),
+            flow_events: Family::default(),
+            policy_identities: Gauge::default(),
+            policy_entries: Family::default(),
             seen: Mutex::default(),
             seen_datapath: Mutex::default(),
+            seen_verdicts: Mutex::default(),
+            seen_flow_events: Mutex::default(),
             registry: Registry::default(),
         };
         let build = Family::<BuildLabel, Gauge>::default();
@@ -168,7 +244,71 @@ impl Metrics {
             "Backends programmed, summed over frontends",
             m.backends.clone(),
         );
+        registry.register(
+            "policy_verdicts",
+            "Policy verdicts on new flows per NetworkPolicy, direction and verdict (an allow \
+             counts for every policy with a rule allowing it, a deny for every policy isolating the pod)",
+            m.policy_verdicts.clone(),
+        );
+        registry.register(
+            "flow_events",
+            "Policy verdict events from the datapath by outcome: written to the flow log, lost \
+             (ring buffer full), suppressed (rate limit), malformed, write_error",
+            m.flow_events.clone(),
+        );
+        for outcome in FlowOutcome::ALL {
+            m.flow_events
+                .get_or_create(&OutcomeLabel { outcome: outcome.as_str().into() })
+                .inc_by(0);
+        }
+        registry.register(
+            "policy_identities",
+            "Peer identities (equivalence classes of addresses) the policy maps use",
+            m.policy_identities.clone(),
+        );
+        registry.register(
+            "policy_entries",
+            "Entries in the policy maps, by map (ipcache, endpoints, policy)",
+            m.policy_entries.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Adds the policy verdicts counted since the last call. `totals` are cumulative
+    /// (`POLICY_COUNTERS` summed over CPUs, then per policy:
+    /// [`crate::flowlog::policy_verdict_totals`]); a total that went down (the datapath was
+    /// reloaded, an entry removed) counts from zero again.
+    pub fn observe_policy_verdicts(&self, totals: &BTreeMap<PolicyVerdictLabel, u64>) {
+        let mut seen = self.seen_verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        for (label, &total) in totals {
+            let before = seen.entry(label.clone()).or_default();
+            let grow = if total >= *before { total - *before } else { total };
+            self.policy_verdicts.get_or_create(label).inc_by(grow);
+            *before = total;
+        }
+    }
+
+    /// Sets `nodeplane_flow_events_total{outcome}` from a cumulative `total` (the flow log's
+    /// [`FlowStats`](crate::flowlog::FlowStats), or for [`FlowOutcome::Lost`] the kernel's
+    /// `FLOW_EVENT_COUNTERS[1]` summed over CPUs). A total that went down counts from zero.
+    pub fn observe_flow_events(&self, outcome: FlowOutcome, total: u64) {
+        let mut seen = self.seen_flow_events.lock().unwrap_or_else(|e| e.into_inner());
+        let before = seen.entry(outcome).or_default();
+        let grow = if total >= *before { total - *before } else { total };
+        self.flow_events
+            .get_or_create(&OutcomeLabel { outcome: outcome.as_str().into() })
+            .inc_by(grow);
+        *before = total;
+    }
+
+    /// Sets the policy map gauges after a policy sync.
+    pub fn observe_policy_maps(&self, sizes: &PolicyMapSizes) {
+        self.policy_identities.set(sizes.identities as i64);
+        for (map, n) in
+            [("ipcache", sizes.ipcache), ("endpoints", sizes.endpoints), ("policy", sizes.policy)]
+        {
+            self.policy_entries.get_or_create(&MapLabel { map: map.into() }).set(n as i64);
+        }
     }
 
     /// Copies the watches' state into the source metrics.
@@ -263,6 +403,8 @@ mod tests {
             "nodeplane_source_stale_seconds{kind=\"Service\"} 0.0",
             "nodeplane_source_watch_errors_total{kind=\"Pod\"}",
             "nodeplane_build_info{version=",
+            "nodeplane_flow_events_total{outcome=\"lost\"} 0",
+            "nodeplane_policy_identities 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
@@ -290,5 +432,44 @@ mod tests {
                 "nodeplane_datapath_packets_total{reason=\"nat-new\",verdict=\"pass\"} 7"
             )
         );
+    }
+
+    #[test]
+    fn policy_metrics_add_differences_and_set_gauges() {
+        let m = Metrics::new();
+        let label = |policy: &str, verdict: &str| PolicyVerdictLabel {
+            policy: policy.into(),
+            direction: "ingress".into(),
+            verdict: verdict.into(),
+        };
+        let totals =
+            |a, d| BTreeMap::from([(label("d/web", "allow"), a), (label("d/web", "deny"), d)]);
+        m.observe_policy_verdicts(&totals(3, 1));
+        m.observe_policy_verdicts(&totals(5, 1));
+        m.observe_flow_events(FlowOutcome::Written, 4);
+        m.observe_flow_events(FlowOutcome::Written, 6);
+        m.observe_flow_events(FlowOutcome::Lost, 2);
+        m.observe_policy_maps(&PolicyMapSizes {
+            identities: 7,
+            ipcache: 12,
+            endpoints: 3,
+            policy: 40,
+        });
+        let text = m.encode();
+        for line in [
+            "nodeplane_policy_verdicts_total{policy=\"d/web\",direction=\"ingress\",verdict=\"allow\"} 5",
+            "nodeplane_policy_verdicts_total{policy=\"d/web\",direction=\"ingress\",verdict=\"deny\"} 1",
+            "nodeplane_flow_events_total{outcome=\"written\"} 6",
+            "nodeplane_flow_events_total{outcome=\"lost\"} 2",
+            "nodeplane_flow_events_total{outcome=\"suppressed\"} 0",
+            "nodeplane_policy_identities 7",
+            "nodeplane_policy_entries{map=\"ipcache\"} 12",
+            "nodeplane_policy_entries{map=\"policy\"} 40",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // A reloaded datapath starts from zero: its counts are added.
+        m.observe_flow_events(FlowOutcome::Lost, 1);
+        assert!(m.encode().contains("nodeplane_flow_events_total{outcome=\"lost\"} 3"));
     }
 }
