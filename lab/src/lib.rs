@@ -17,6 +17,10 @@
 //!   [`server`] in each pod, and writes the manifests the agent reads.
 //! * [`naming`] derives every name and address from the slot.
 //!
+//! NetworkPolicies pass through to the manifests untouched (enforcing them is the
+//! agent's job); [`Lab::label`] relabels pods and namespaces at runtime, and a pod's
+//! `lab.nodeplane.io/answer` annotation sets what its server answers (see [`server`]).
+//!
 //! Everything needs root except [`control_plane`].
 pub mod control_plane;
 pub mod files;

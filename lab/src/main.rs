@@ -50,6 +50,16 @@ enum Command {
         #[arg(long)]
         slot: Option<u8>,
     },
+    /// Relabel a pod or a namespace: KIND NS/NAME key=value... key-... (as kubectl label
+    /// --overwrite).
+    Label {
+        kind: Kind,
+        target: String,
+        #[arg(required = true)]
+        labels: Vec<String>,
+        #[arg(long)]
+        slot: Option<u8>,
+    },
     /// Run a command in a pod's netns: exec NS/POD -- CMD...
     Exec {
         target: String,
@@ -115,6 +125,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let key = split_target(&target, kind);
             open(cfg, slot)?.delete(kind, &key.namespace, &key.name)?;
         }
+        Command::Label { kind, target, labels, slot } => {
+            let key = split_target(&target, kind);
+            let changes =
+                labels.iter().map(|l| parse_label_change(l)).collect::<Result<Vec<_>>>()?;
+            open(cfg, slot)?.label(kind, &key.namespace, &key.name, &changes)?;
+        }
         Command::Exec { target, command, slot } => {
             let key = split_target(&target, Kind::Pod);
             let lab = open(cfg, slot)?;
@@ -154,6 +170,17 @@ fn split_target(target: &str, kind: Kind) -> ObjectKey {
         (Kind::Namespace, _) => ObjectKey::new("", target),
         (_, Some((ns, name))) => ObjectKey::new(ns, name),
         (_, None) => ObjectKey::new("default", target),
+    }
+}
+
+/// `key=value` sets, `key-` removes.
+fn parse_label_change(arg: &str) -> Result<(&str, Option<&str>)> {
+    if let Some((key, value)) = arg.split_once('=') {
+        return Ok((key, Some(value)));
+    }
+    match arg.strip_suffix('-') {
+        Some(key) => Ok((key, None)),
+        None => anyhow::bail!("{arg:?} is neither key=value nor key-"),
     }
 }
 
@@ -266,6 +293,14 @@ mod tests {
         assert_eq!(split_target("demo/web", Kind::Pod), ObjectKey::new("demo", "web"));
         assert_eq!(split_target("web", Kind::Service), ObjectKey::new("default", "web"));
         assert_eq!(split_target("demo", Kind::Namespace), ObjectKey::new("", "demo"));
+    }
+
+    #[test]
+    fn label_changes_set_and_remove() {
+        assert_eq!(parse_label_change("team=blue").expect("set"), ("team", Some("blue")));
+        assert_eq!(parse_label_change("team=").expect("empty"), ("team", Some("")));
+        assert_eq!(parse_label_change("team-").expect("remove"), ("team", None));
+        assert!(parse_label_change("team").is_err());
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! The pod server: answers with the pod's name on every container port.
+//! The pod server: answers with the pod's name on every container port (or with the
+//! pod's [`ANSWER_ANNOTATION`], so pods of the same name in different namespaces can be
+//! told apart).
 //!
 //! TCP: on accept it writes `<name>\n`, then `<name>\n` again for every line it reads,
 //! until EOF, so a test can hold one connection and keep asking (and see which backend
@@ -22,6 +24,9 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::process;
+
+/// Pod annotation naming what the server answers instead of the pod's name.
+pub const ANSWER_ANNOTATION: &str = "lab.nodeplane.io/answer";
 
 pub const MAX_CONNECTIONS: usize = 256;
 pub const MAX_LINE: u64 = 4096;
@@ -62,10 +67,13 @@ pub struct ServeConfig {
 
 impl ServeConfig {
     /// The pod's container ports, by protocol, sorted and deduplicated. SCTP and
-    /// out-of-range ports are left out.
+    /// out-of-range ports are left out. The answer is the pod's [`ANSWER_ANNOTATION`] if
+    /// it has one, its name otherwise.
     pub fn for_pod(pod: &Pod) -> Self {
+        let annotations = pod.metadata.annotations.as_ref();
+        let answer = annotations.and_then(|a| a.get(ANSWER_ANNOTATION));
         let mut cfg = ServeConfig {
-            name: pod.metadata.name.clone().unwrap_or_default(),
+            name: answer.or(pod.metadata.name.as_ref()).cloned().unwrap_or_default(),
             ..Default::default()
         };
         let containers = pod.spec.iter().flat_map(|s| &s.containers);
@@ -303,5 +311,15 @@ mod tests {
         let cfg = ServeConfig::for_pod(&pod);
         assert_eq!(cfg, ServeConfig { name: "web-0".into(), tcp: vec![8080], udp: vec![53] });
         assert_eq!(cfg.args(), ["serve", "--name", "web-0", "--tcp", "8080", "--udp", "53"]);
+    }
+
+    #[test]
+    fn the_answer_annotation_replaces_the_name() {
+        let pod: Pod = serde_yaml::from_str(
+            "metadata: {name: a, namespace: x, annotations: {lab.nodeplane.io/answer: x/a}}\n\
+             spec: {containers: [{name: c, ports: [{containerPort: 80}]}]}\n",
+        )
+        .expect("pod");
+        assert_eq!(ServeConfig::for_pod(&pod).name, "x/a");
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! [`ControlPlane`] keeps the objects as they were given plus the addresses it assigned;
 //! [`ControlPlane::cluster`] derives what the API server and its controllers would show:
-//! scheduled, running pods; services with ClusterIPs; EndpointSlices; the node. Deriving
+//! scheduled, running pods; services with ClusterIPs; EndpointSlices; the node;
+//! NetworkPolicies as given; namespaces with their `kubernetes.io/metadata.name`. Deriving
 //! from scratch each time (rather than patching) keeps the output a pure function of the
 //! inputs, so it is sorted, stable, and written only when it really changed.
 //!
@@ -24,11 +25,12 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 use serde::{Deserialize, Serialize};
 
 pub use parse::{Object, ParseError, parse};
-pub use render::Cluster;
+pub use render::{Cluster, NAMESPACE_NAME_LABEL};
 
 use crate::naming::{self, FIRST_POD_HOST, FIRST_SERVICE_HOST, LAST_HOST};
 
@@ -45,6 +47,7 @@ pub enum Kind {
     Pod,
     Service,
     EndpointSlice,
+    NetworkPolicy,
 }
 
 impl Kind {
@@ -54,6 +57,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 }
@@ -81,6 +85,7 @@ impl FromStr for Kind {
             "pod" | "pods" | "po" => Ok(Kind::Pod),
             "service" | "services" | "svc" => Ok(Kind::Service),
             "endpointslice" | "endpointslices" => Ok(Kind::EndpointSlice),
+            "networkpolicy" | "networkpolicies" | "netpol" => Ok(Kind::NetworkPolicy),
             _ => Err(ControlPlaneError::UnknownKind(s.to_string())),
         }
     }
@@ -125,7 +130,9 @@ impl TryFrom<String> for ObjectKey {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlPlaneError {
-    #[error("unknown kind {0:?} (expected namespace, pod, service or endpointslice)")]
+    #[error(
+        "unknown kind {0:?} (expected namespace, pod, service, endpointslice or networkpolicy)"
+    )]
     UnknownKind(String),
     #[error("{kind} {key} not found")]
     NotFound { kind: Kind, key: ObjectKey },
@@ -148,6 +155,10 @@ pub enum ControlPlaneError {
     ClusterIpInUse { key: ObjectKey, ip: Ipv4Addr, owner: ObjectKey },
     #[error("EndpointSlice {key} is given in the input but also derived from its Service")]
     SliceClash { key: ObjectKey },
+    #[error("{kind} {key}: label {label:?} is not a valid label key or value")]
+    InvalidLabel { kind: Kind, key: ObjectKey, label: String },
+    #[error("{kind} objects carry no labels the lab can change")]
+    NotLabelable { kind: Kind },
 }
 
 /// A lab's control-plane state: input objects and the addresses assigned to them.
@@ -159,6 +170,9 @@ pub struct ControlPlane {
     services: BTreeMap<ObjectKey, Service>,
     /// Hand-written slices (for Services without a selector), passed through unchanged.
     endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// Passed through unchanged: enforcing them is the agent's job, not the lab's.
+    #[serde(default)]
+    network_policies: BTreeMap<ObjectKey, NetworkPolicy>,
     pod_ips: BTreeMap<ObjectKey, Ipv4Addr>,
     service_ips: BTreeMap<ObjectKey, Ipv4Addr>,
     /// Next host number to try; only ever grows, which is what makes addresses unique
@@ -182,6 +196,7 @@ impl ControlPlane {
             pods: BTreeMap::new(),
             services: BTreeMap::new(),
             endpoint_slices: BTreeMap::new(),
+            network_policies: BTreeMap::new(),
             pod_ips: BTreeMap::new(),
             service_ips: BTreeMap::new(),
             next_pod_host: FIRST_POD_HOST.into(),
@@ -228,6 +243,9 @@ impl ControlPlane {
             }
             Object::EndpointSlice(slice) => {
                 self.endpoint_slices.insert(key, slice);
+            }
+            Object::NetworkPolicy(policy) => {
+                self.network_policies.insert(key, policy);
             }
         }
         Ok(())
@@ -307,6 +325,7 @@ impl ControlPlane {
                 self.services.retain(|k, _| &k.namespace != name);
                 self.service_ips.retain(|k, _| &k.namespace != name);
                 self.endpoint_slices.retain(|k, _| &k.namespace != name);
+                self.network_policies.retain(|k, _| &k.namespace != name);
             }
             Kind::Pod => {
                 self.pods.remove(key).ok_or_else(not_found)?;
@@ -319,6 +338,52 @@ impl ControlPlane {
             Kind::EndpointSlice => {
                 self.endpoint_slices.remove(key).ok_or_else(not_found)?;
             }
+            Kind::NetworkPolicy => {
+                self.network_policies.remove(key).ok_or_else(not_found)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the labels of a pod or a namespace as `kubectl label --overwrite` does:
+    /// `(key, Some(value))` sets a label, `(key, None)` removes it. A namespace that holds
+    /// objects but was never declared gets a Namespace object of its own. All or nothing.
+    pub fn label(
+        &mut self,
+        kind: Kind,
+        key: &ObjectKey,
+        changes: &[(&str, Option<&str>)],
+    ) -> Result<(), ControlPlaneError> {
+        let not_found = || ControlPlaneError::NotFound { kind, key: key.clone() };
+        for &(label, value) in changes {
+            if !valid_label_key(label) || !value.is_none_or(valid_label_value) {
+                let label = format!("{label}={}", value.unwrap_or("-"));
+                return Err(ControlPlaneError::InvalidLabel { kind, key: key.clone(), label });
+            }
+        }
+        let metadata = match kind {
+            Kind::Pod => &mut self.pods.get_mut(key).ok_or_else(not_found)?.metadata,
+            Kind::Namespace => {
+                if !self.namespaces_in_use().contains(&key.name) {
+                    return Err(not_found());
+                }
+                let ns = self.namespaces.entry(key.name.clone()).or_insert_with(|| Namespace {
+                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        name: Some(key.name.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                });
+                &mut ns.metadata
+            }
+            _ => return Err(ControlPlaneError::NotLabelable { kind }),
+        };
+        let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+        for &(label, value) in changes {
+            match value {
+                Some(value) => labels.insert(label.to_string(), value.to_string()),
+                None => labels.remove(label),
+            };
         }
         Ok(())
     }
@@ -345,6 +410,11 @@ impl ControlPlane {
         self.pods.get(key)
     }
 
+    /// Input NetworkPolicies, sorted by key.
+    pub fn network_policies(&self) -> impl Iterator<Item = (&ObjectKey, &NetworkPolicy)> {
+        self.network_policies.iter()
+    }
+
     /// Input services, sorted by key.
     pub fn services(&self) -> impl Iterator<Item = (&ObjectKey, &Service)> {
         self.services.iter()
@@ -361,7 +431,12 @@ impl ControlPlane {
 
     /// Every namespace that is declared or holds an object, plus `default`.
     fn namespaces_in_use(&self) -> std::collections::BTreeSet<String> {
-        let keys = self.pods.keys().chain(self.services.keys()).chain(self.endpoint_slices.keys());
+        let keys = self
+            .pods
+            .keys()
+            .chain(self.services.keys())
+            .chain(self.endpoint_slices.keys())
+            .chain(self.network_policies.keys());
         keys.map(|k| k.namespace.clone())
             .chain(self.namespaces.keys().cloned())
             .chain(["default".to_string()])
@@ -421,6 +496,27 @@ fn validate_name(kind: Kind, key: &ObjectKey) -> Result<(), ControlPlaneError> {
         }
     }
     Ok(())
+}
+
+/// `[prefix/]name`: a DNS subdomain prefix, a name of up to 63 alphanumerics, '-', '_'
+/// and '.' that starts and ends alphanumeric (apimachinery's `IsQualifiedName`).
+fn valid_label_key(key: &str) -> bool {
+    let (prefix, name) = key.rsplit_once('/').map_or((None, key), |(p, n)| (Some(p), n));
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+    });
+    prefix_ok && !name.is_empty() && valid_label_value(name)
+}
+
+/// Empty, or up to 63 alphanumerics, '-', '_' and '.' starting and ending alphanumeric.
+fn valid_label_value(value: &str) -> bool {
+    let edge = |b: Option<&u8>| b.is_none_or(u8::is_ascii_alphanumeric);
+    value.len() <= 63
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && edge(value.as_bytes().first())
+        && edge(value.as_bytes().last())
 }
 
 #[cfg(test)]

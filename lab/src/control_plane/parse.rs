@@ -6,6 +6,7 @@ use k8s_openapi::{
     api::{
         core::v1::{Namespace, Pod, Service},
         discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -24,6 +25,7 @@ pub enum Object {
     Pod(Pod),
     Service(Service),
     EndpointSlice(EndpointSlice),
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl Object {
@@ -33,6 +35,7 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
@@ -42,6 +45,7 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
         }
     }
 
@@ -62,8 +66,8 @@ pub enum ParseError {
     Invalid { source_name: String, document: usize, message: String },
     #[error(
         "{source_name}: document {document}: unsupported object (apiVersion {api_version:?}, \
-         kind {kind:?}); the lab reads v1 Namespace, Pod, Service and \
-         discovery.k8s.io/v1 EndpointSlice"
+         kind {kind:?}); the lab reads v1 Namespace, Pod, Service, \
+         discovery.k8s.io/v1 EndpointSlice and networking.k8s.io/v1 NetworkPolicy"
     )]
     UnsupportedKind { source_name: String, document: usize, api_version: String, kind: String },
 }
@@ -112,6 +116,7 @@ fn typed(value: serde_yaml::Value) -> Result<Object, DocError> {
         ("v1", "Pod") => Object::Pod(de(value, &kind)?),
         ("v1", "Service") => Object::Service(de(value, &kind)?),
         ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(de(value, &kind)?),
+        ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(de(value, &kind)?),
         _ => return Err(DocError::Unsupported { api_version, kind }),
     };
     normalize(object)
@@ -135,6 +140,7 @@ fn normalize(mut object: Object) -> Result<Object, DocError> {
         Object::Pod(o) => &mut o.metadata,
         Object::Service(o) => &mut o.metadata,
         Object::EndpointSlice(o) => &mut o.metadata,
+        Object::NetworkPolicy(o) => &mut o.metadata,
     };
     if meta.name.as_deref().is_none_or(str::is_empty) {
         return Err(DocError::Invalid(format!("{kind} without metadata.name")));

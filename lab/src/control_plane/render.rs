@@ -8,6 +8,7 @@ use k8s_openapi::{
             NodeStatus, Pod, PodCondition, PodIP, PodStatus, Service,
         },
         discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -15,6 +16,9 @@ use serde::Serialize;
 
 use super::{ControlPlane, ControlPlaneError, ObjectKey, READY_ANNOTATION, slices};
 use crate::naming::{self, NODE_NAME};
+
+/// The label the API server puts on every namespace, holding its name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// The derived cluster state, each list sorted by namespace and name.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +28,7 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 impl ControlPlane {
@@ -42,7 +47,15 @@ impl ControlPlane {
             .collect();
         let endpoint_slices = self.endpoint_slices(&pods, &services)?;
         let namespaces = self.namespaces_in_use().into_iter().map(|n| self.namespace(n)).collect();
-        Ok(Cluster { namespaces, node: node(self.slot), pods, services, endpoint_slices })
+        let network_policies = self.network_policies.values().cloned().collect();
+        Ok(Cluster {
+            namespaces,
+            node: node(self.slot),
+            pods,
+            services,
+            endpoint_slices,
+            network_policies,
+        })
     }
 
     /// Derived slices plus the hand-written ones, sorted by key.
@@ -65,8 +78,14 @@ impl ControlPlane {
         Ok(all.into_values().collect())
     }
 
+    /// The namespace with the label the API server adds to every namespace (GA in 1.22),
+    /// which lets a policy select a namespace by name.
     fn namespace(&self, name: String) -> Namespace {
         let mut ns = self.namespaces.get(&name).cloned().unwrap_or_default();
+        ns.metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(NAMESPACE_NAME_LABEL.into(), name.clone());
         ns.metadata.name = Some(name);
         ns.status = Some(NamespaceStatus { phase: Some("Active".into()), ..Default::default() });
         ns
@@ -74,7 +93,7 @@ impl ControlPlane {
 }
 
 impl Cluster {
-    /// Multi-document YAML: namespaces, the node, pods, services, slices.
+    /// Multi-document YAML: namespaces, the node, pods, services, slices, policies.
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
         let mut docs = Vec::new();
         push_all(&mut docs, &self.namespaces)?;
@@ -82,6 +101,7 @@ impl Cluster {
         push_all(&mut docs, &self.pods)?;
         push_all(&mut docs, &self.services)?;
         push_all(&mut docs, &self.endpoint_slices)?;
+        push_all(&mut docs, &self.network_policies)?;
         Ok(format!(
             "# Written by nodeplane-lab; rewritten on every change.\n{}",
             docs.join("---\n")

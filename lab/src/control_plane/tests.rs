@@ -522,5 +522,89 @@ fn kinds_parse_like_kubectl() {
     assert_eq!("Pods".parse::<Kind>().expect("pods"), Kind::Pod);
     assert_eq!("ns".parse::<Kind>().expect("ns"), Kind::Namespace);
     assert_eq!("EndpointSlice".parse::<Kind>().expect("eps"), Kind::EndpointSlice);
+    assert_eq!("netpol".parse::<Kind>().expect("netpol"), Kind::NetworkPolicy);
     assert!("deployment".parse::<Kind>().is_err());
+}
+
+// ---- NetworkPolicies and labels ----
+
+fn deny_all(ns: &str, name: &str) -> Object {
+    obj(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+    }))
+}
+
+#[test]
+fn network_policies_pass_through_and_go_with_their_namespace() {
+    let mut cp = applied(vec![deny_all("x", "deny"), deny_all("y", "deny")]);
+    let cluster = cp.cluster().expect("cluster");
+    let keys: Vec<_> = cluster
+        .network_policies
+        .iter()
+        .map(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()))
+        .collect();
+    let some = |ns: &str| (Some(s(ns)), Some(s("deny")));
+    assert_eq!(keys, [some("x"), some("y")]);
+    // A policy's namespace exists, as it would have to in a cluster.
+    let names: Vec<_> = cluster.namespaces.iter().filter_map(|n| n.metadata.name.clone()).collect();
+    assert_eq!(names, ["default", "x", "y"]);
+    let yaml = cluster.to_yaml().expect("yaml");
+    assert!(yaml.contains("kind: NetworkPolicy\n"), "{yaml}");
+    assert!(yaml.contains("apiVersion: networking.k8s.io/v1\n"), "{yaml}");
+
+    cp.delete(Kind::NetworkPolicy, &key("x", "deny")).expect("delete policy");
+    cp.delete(Kind::Namespace, &key("", "y")).expect("delete namespace");
+    assert_eq!(cp.network_policies().count(), 0);
+    assert!(cp.delete(Kind::NetworkPolicy, &key("x", "deny")).is_err());
+}
+
+#[test]
+fn namespaces_carry_their_name_label() {
+    let ns = obj(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "x", "labels": {"team": "blue"}}
+    }));
+    let cp = applied(vec![ns, pod("y", "p", json!({}), &[])]);
+    let labels: Vec<_> =
+        cp.cluster().expect("cluster").namespaces.into_iter().map(|n| n.metadata.labels).collect();
+    let expected = |name: &str, extra: &[(&str, &str)]| {
+        let mut labels = BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), s(name))]);
+        labels.extend(extra.iter().map(|&(k, v)| (s(k), s(v))));
+        Some(labels)
+    };
+    assert_eq!(
+        labels,
+        [expected("default", &[]), expected("x", &[("team", "blue")]), expected("y", &[])]
+    );
+}
+
+#[test]
+fn label_sets_and_removes_pod_and_namespace_labels() {
+    let mut cp = applied(vec![pod("x", "a", json!({"pod": "a", "role": "web"}), &[])]);
+    let before = cp.pod_ip(&key("x", "a"));
+    cp.label(Kind::Pod, &key("x", "a"), &[("role", None), ("team", Some("blue"))])
+        .expect("pod label");
+    let labels = cp.pod(&key("x", "a")).and_then(|p| p.metadata.labels.clone());
+    assert_eq!(labels, Some(BTreeMap::from([(s("pod"), s("a")), (s("team"), s("blue"))])));
+    assert_eq!(cp.pod_ip(&key("x", "a")), before, "a relabeled pod keeps its IP");
+
+    // `x` was never declared: labeling it declares it.
+    cp.label(Kind::Namespace, &key("", "x"), &[("team", Some("red"))]).expect("ns label");
+    let cluster = cp.cluster().expect("cluster");
+    let x = cluster.namespaces.iter().find(|n| n.metadata.name.as_deref() == Some("x"));
+    let team = x.and_then(|n| n.metadata.labels.as_ref()?.get("team").cloned());
+    assert_eq!(team.as_deref(), Some("red"));
+
+    let err = cp.label(Kind::Pod, &key("x", "a"), &[("bad key!", Some("v"))]).expect_err("key");
+    assert!(matches!(err, ControlPlaneError::InvalidLabel { .. }), "{err}");
+    let err = cp.label(Kind::Pod, &key("x", "a"), &[("k", Some("-v"))]).expect_err("value");
+    assert!(matches!(err, ControlPlaneError::InvalidLabel { .. }), "{err}");
+    assert!(cp.label(Kind::Pod, &key("x", "nope"), &[("k", Some("v"))]).is_err());
+    assert!(cp.label(Kind::Namespace, &key("", "nope"), &[("k", Some("v"))]).is_err());
+    let err = cp.label(Kind::Service, &key("x", "a"), &[]).expect_err("not labelable");
+    assert!(matches!(err, ControlPlaneError::NotLabelable { .. }), "{err}");
+    assert!(valid_label_key("kubernetes.io/metadata.name"));
+    assert!(!valid_label_key("/name") && !valid_label_key("a/"));
 }

@@ -295,6 +295,28 @@ impl Lab {
         Ok(())
     }
 
+    /// Relabels a pod or a namespace, as `kubectl label --overwrite` would: `(key,
+    /// Some(value))` sets a label, `(key, None)` removes it. For a Namespace, `name` is the
+    /// namespace and `namespace` is ignored. Pods keep their netns, IP and server.
+    pub fn label(
+        &self,
+        kind: impl AsRef<str>,
+        namespace: &str,
+        name: &str,
+        changes: &[(&str, Option<&str>)],
+    ) -> Result<(), LabError> {
+        let kind: Kind = kind.as_ref().parse()?;
+        let key = match kind {
+            Kind::Namespace => ObjectKey::new("", name),
+            _ => ObjectKey::new(namespace, name),
+        };
+        let mut inner = self.lock();
+        let mut next = inner.control.clone();
+        next.label(kind, &key, changes)?;
+        inner.control = next;
+        self.publish(&inner.control)
+    }
+
     /// Flips a pod's Ready condition (through its `lab.nodeplane.io/ready` annotation).
     pub fn set_pod_ready(&self, namespace: &str, name: &str, ready: bool) -> Result<(), LabError> {
         let mut inner = self.lock();
