@@ -24,14 +24,17 @@
 //! the current policy on their next packet after the agent bumps `PolicyConfig::revision`,
 //! and dropped if it now denies them (as Cilium and Calico do).
 //!
-//! Fragments: an allowed first fragment records its ports in `FRAGS_V4` under its direction
-//! (whether or not that direction is isolated: a policy may appear before the rest of the
-//! datagram); a later fragment to or from a pod isolated in that direction passes only on
-//! a hit of that same direction ([`fragment`]).
+//! Fragments: a first fragment allowed by rows 2, 3, 4, 6 or 7 records its ports in
+//! `FRAGS_V4` under this hook's direction (also when the direction is not isolated: a
+//! policy may appear before the rest of the datagram); a later fragment to or from a pod
+//! isolated in that direction passes only on a hit of that same direction ([`fragment`]),
+//! otherwise it is dropped (`policy-fragment`).
 //!
-//! Visibility: every drop emits a `FlowEvent`; an allowed new flow in an isolated direction
-//! emits one when `POLICY_CFG_F_LOG_ALLOWED` is set. `POLICY_COUNTERS` counts the verdicts
-//! of rows 7 (new flows only).
+//! Visibility: every dropped packet emits a `FlowEvent` (rows 4 and 7, and later fragments);
+//! a flow allowed by row 7 emits one when `POLICY_CFG_F_LOG_ALLOWED` is set. Events that do
+//! not fit in the ring are counted as lost in `FLOW_EVENT_COUNTERS[1]`. `POLICY_COUNTERS`
+//! counts the verdicts of row 7 only (new flows in an isolated direction): allows under
+//! the entry's rule id, denies under the endpoint's set.
 use aya_ebpf::bindings::BPF_NOEXIST;
 use nodeplane_common::{
     ct::TcpState,
