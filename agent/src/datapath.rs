@@ -1,18 +1,27 @@
 //! The kernel side as the agent sees it: load the embedded eBPF object, attach the tc
-//! program to pod interfaces, write the service maps ([`MapWriter`]) and read counters.
-use std::collections::BTreeSet;
+//! program to pod interfaces, write the service maps ([`MapWriter`]) and the policy maps
+//! ([`PolicyWriter`]), and read counters.
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{SchedClassifier, TcAttachType},
 };
 use nodeplane_common::{
     maps::{BackendV4, Counter, CtKeyV4, CtValueV4, ServiceKeyV4, ServiceValue, SlotKey, names},
+    policy::{
+        EndpointV4, FragKeyV4, FragValueV4, IpcacheKeyV4, PolicyConfig, PolicyCounterKey,
+        PolicyCtKey, PolicyCtValue, PolicyKey, PolicyValue,
+    },
     reason::Reason,
 };
 
-use crate::sync::{MapWriter, Op, WriteError};
+use crate::{
+    model::Ipv4Cidr,
+    policy::{PolicyOp, PolicyWriteError, PolicyWriter},
+    sync::{MapWriter, Op, WriteError},
+};
 
 /// The eBPF object built by `build.rs` from `dataplane-ebpf/`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeplane"));
@@ -47,6 +56,35 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, BackendV4>,
     pub ct: HashMap<MapData, CtKeyV4, CtValueV4>,
     pub counters: PerCpuArray<MapData, Counter>,
+    /// Peer prefix -> identity.
+    pub ipcache: LpmTrie<MapData, IpcacheKeyV4, u32>,
+    /// Local pod IP -> its policy sets.
+    pub endpoints: HashMap<MapData, [u8; 4], EndpointV4>,
+    /// `(set, identity, proto, port)` prefixes -> the allowing rule.
+    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    /// One element: revision and flags.
+    pub policy_config: Array<MapData, PolicyConfig>,
+    /// The datapath's policy conntrack (an LRU; read here for `inspect` and tests).
+    pub policy_ct: HashMap<MapData, PolicyCtKey, PolicyCtValue>,
+    /// Allowed first fragments (an LRU written by the datapath).
+    pub frags: HashMap<MapData, FragKeyV4, FragValueV4>,
+    /// New-flow verdict counters, per CPU.
+    pub policy_counters: PerCpuHashMap<MapData, PolicyCounterKey, Counter>,
+    /// Per CPU: `[flow events written, flow events lost]`.
+    pub flow_event_counters: PerCpuArray<MapData, u64>,
+    /// The `FLOW_EVENTS` ring buffer until the flow-log reader takes it.
+    flow_events: Option<RingBuf<MapData>>,
+}
+
+/// Policy verdict counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCounters {
+    /// New-flow verdicts: allows by rule id, denies by policy set (see `PolicyCounterKey`).
+    pub verdicts: BTreeMap<PolicyCounterKey, Counter>,
+    /// Flow events written to the ring buffer.
+    pub events_written: u64,
+    /// Flow events lost because the ring buffer was full.
+    pub events_lost: u64,
 }
 
 impl Datapath {
@@ -69,6 +107,15 @@ impl Datapath {
             backends: take_map(&mut ebpf, names::BACKENDS_V4)?,
             ct: take_map(&mut ebpf, names::CT_V4)?,
             counters: take_map(&mut ebpf, names::COUNTERS)?,
+            ipcache: take_map(&mut ebpf, names::IPCACHE_V4)?,
+            endpoints: take_map(&mut ebpf, names::ENDPOINTS_V4)?,
+            policy: take_map(&mut ebpf, names::POLICY_V4)?,
+            policy_config: take_map(&mut ebpf, names::POLICY_CONFIG)?,
+            policy_ct: take_map(&mut ebpf, names::POLICY_CT_V4)?,
+            frags: take_map(&mut ebpf, names::FRAGS_V4)?,
+            policy_counters: take_map(&mut ebpf, names::POLICY_COUNTERS)?,
+            flow_event_counters: take_map(&mut ebpf, names::FLOW_EVENT_COUNTERS)?,
+            flow_events: Some(take_map(&mut ebpf, names::FLOW_EVENTS)?),
         };
         Ok(Self { ebpf, maps, attached: BTreeSet::new() })
     }
@@ -136,6 +183,61 @@ impl Maps {
                 Ok((reason, total))
             })
             .collect()
+    }
+
+    /// `POLICY_COUNTERS` and `FLOW_EVENT_COUNTERS`, summed over CPUs.
+    pub fn policy_counters(&self) -> Result<PolicyCounters, DatapathError> {
+        let mut out = PolicyCounters::default();
+        for entry in self.policy_counters.iter() {
+            let (key, per_cpu) = entry
+                .map_err(|source| DatapathError::Map { name: names::POLICY_COUNTERS, source })?;
+            let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            });
+            out.verdicts.insert(key, total);
+        }
+        let sum = |index: u32| -> Result<u64, DatapathError> {
+            let per_cpu = self.flow_event_counters.get(&index, 0).map_err(|source| {
+                DatapathError::Map { name: names::FLOW_EVENT_COUNTERS, source }
+            })?;
+            Ok(per_cpu.iter().sum())
+        };
+        out.events_written = sum(0)?;
+        out.events_lost = sum(1)?;
+        Ok(out)
+    }
+
+    /// The `FLOW_EVENTS` ring buffer (records are `FlowEvent`s), for the one flow-log
+    /// reader: `None` once taken.
+    pub fn take_flow_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.flow_events.take()
+    }
+}
+
+/// The LPM key of `cidr` (`IPCACHE_V4`).
+fn ipcache_key(cidr: &Ipv4Cidr) -> Key<IpcacheKeyV4> {
+    Key::new(u32::from(cidr.prefix_len()), cidr.addr().octets())
+}
+
+impl PolicyWriter for Maps {
+    fn apply_policy(&mut self, op: &PolicyOp) -> Result<(), PolicyWriteError> {
+        let result = match op {
+            PolicyOp::PutIpcache { cidr, identity } => {
+                self.ipcache.insert(&ipcache_key(cidr), identity, 0)
+            }
+            PolicyOp::DelIpcache { cidr } => self.ipcache.remove(&ipcache_key(cidr)),
+            PolicyOp::PutEndpoint { addr, value } => self.endpoints.insert(addr.octets(), value, 0),
+            PolicyOp::DelEndpoint { addr } => self.endpoints.remove(&addr.octets()),
+            PolicyOp::PutRule { key, prefix_len, value } => {
+                self.policy.insert(&Key::new(*prefix_len, *key), value, 0)
+            }
+            PolicyOp::DelRule { key, prefix_len } => {
+                self.policy.remove(&Key::new(*prefix_len, *key))
+            }
+            PolicyOp::SetConfig(config) => self.policy_config.set(0, config, 0),
+        };
+        result.map_err(|e| PolicyWriteError { op: op.clone(), reason: e.to_string() })
     }
 }
 

@@ -9,6 +9,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use nodeplane_common::{
     ct::{TcpState, lifetime_ns, tcp_next},
     maps::{BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKeyV4, CtValueV4, IPPROTO_TCP},
+    policy::PolicyCtKey,
     reason::Reason,
 };
 
@@ -47,10 +48,22 @@ pub fn lookup_original(pkt: &Packet, service_id: u32, now: u64) -> Option<*mut C
 pub struct RevNat {
     pub vip: [u8; 4],
     pub vport: [u8; 2],
+    /// The flow's live ORIGINAL entry, refreshed by [`RevNat::refresh`] once the reply is
+    /// let through.
+    original: *mut CtValueV4,
+}
+
+impl RevNat {
+    /// Advances the flow's state and deadline with this reply.
+    #[inline(always)]
+    pub fn refresh(&self, pkt: &Packet) {
+        // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
+        refresh(unsafe { &mut *self.original }, pkt, now());
+    }
 }
 
 /// For a packet from a backend to a client: the VIP to rewrite its source to, if it belongs
-/// to a live service flow. Refreshes the flow's state and deadline.
+/// to a live service flow. Changes nothing: policy judges the reply first.
 #[inline(always)]
 pub fn lookup_reply(pkt: &Packet) -> Option<RevNat> {
     let key = CtKeyV4 { dir: CT_DIR_REPLY, ..original_key(pkt) };
@@ -65,30 +78,51 @@ pub fn lookup_reply(pkt: &Packet) -> Option<RevNat> {
         dir: CT_DIR_ORIGINAL,
         _pad: [0; 2],
     };
-    let now = now();
     let original = CT_V4.get_ptr_mut(okey)?;
     // SAFETY: valid element pointer for this run (RCU).
-    let original = unsafe { &mut *original };
-    if original.expires_ns <= now
-        || original.nat_addr != pkt.saddr
-        || original.nat_port != pkt.sport
-    {
+    let o = unsafe { &*original };
+    if o.expires_ns <= now() || o.nat_addr != pkt.saddr || o.nat_port != pkt.sport {
         return None;
     }
-    refresh(original, pkt, now);
-    Some(RevNat { vip: reply.nat_addr, vport: reply.nat_port })
+    Some(RevNat { vip: reply.nat_addr, vport: reply.nat_port, original })
+}
+
+/// For a reply that `from_pod` already reverse-translated (`vip:vport -> client:cport`, from
+/// a backend on this node), given its flow's original tuple `client:cport -> vip:vport`:
+/// the backend `(addr, port)` of the live ORIGINAL entry. Policy needs it because its
+/// conntrack is keyed by the backend, not the VIP.
+#[inline(always)]
+pub fn backend_of_translated_reply(original: &PolicyCtKey) -> Option<([u8; 4], [u8; 2])> {
+    let key = CtKeyV4 {
+        saddr: original.saddr,
+        daddr: original.daddr,
+        sport: original.sport,
+        dport: original.dport,
+        proto: original.proto,
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
+    };
+    // SAFETY: plain-data value copied out at once.
+    let original = *unsafe { CT_V4.get(key) }?;
+    (original.expires_ns > now()).then_some((original.nat_addr, original.nat_port))
+}
+
+/// TCP state after a packet with `tcp_flags` (`TcpState::None` for other protocols), and
+/// the deadline it gives the entry. `state` is the stored state (0 for a new flow).
+#[inline(always)]
+pub fn advance(proto: u8, state: u8, tcp_flags: u8, now: u64) -> (u8, u64) {
+    let state = if proto == IPPROTO_TCP {
+        tcp_next(TcpState::from_u8(state), tcp_flags)
+    } else {
+        TcpState::None
+    };
+    (state as u8, now + lifetime_ns(proto, state))
 }
 
 /// Advances the TCP state with this packet's flags and pushes the deadline.
 #[inline(always)]
 pub fn refresh(entry: &mut CtValueV4, pkt: &Packet, now: u64) {
-    let state = if pkt.proto == IPPROTO_TCP {
-        tcp_next(TcpState::from_u8(entry.state), pkt.tcp_flags)
-    } else {
-        TcpState::None
-    };
-    entry.state = state as u8;
-    entry.expires_ns = now + lifetime_ns(pkt.proto, state);
+    (entry.state, entry.expires_ns) = advance(pkt.proto, entry.state, pkt.tcp_flags, now);
 }
 
 /// Records a new flow `pkt` -> `backend`: the ORIGINAL and the REPLY entry.
@@ -100,16 +134,11 @@ pub fn create(
     backend: &BackendV4,
     now: u64,
 ) -> Result<(), Reason> {
-    let state = if pkt.proto == IPPROTO_TCP {
-        tcp_next(TcpState::None, pkt.tcp_flags)
-    } else {
-        TcpState::None
-    };
-    let expires_ns = now + lifetime_ns(pkt.proto, state);
+    let (state, expires_ns) = advance(pkt.proto, TcpState::None as u8, pkt.tcp_flags, now);
     let original = CtValueV4 {
         nat_addr: backend.addr,
         nat_port: backend.port,
-        state: state as u8,
+        state,
         flags: 0,
         service_id,
         backend_id,

@@ -1,8 +1,10 @@
 //! Service lookup and backend selection: three hash lookups, whatever the number of
-//! services and endpoints (frontend -> slot -> backend).
+//! services and endpoints (frontend -> slot -> backend). Split in two so policy can judge
+//! the translated flow in between: [`plan`] chooses the backend, [`commit`] records the
+//! flow and rewrites the packet.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use nodeplane_common::{
-    maps::{BackendV4, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey},
+    maps::{BackendV4, CtValueV4, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey},
     reason::Reason,
 };
 
@@ -28,29 +30,68 @@ pub fn is_service_ip(addr: [u8; 4]) -> bool {
     SERVICES_V4.get_ptr(ServiceKeyV4::vip_marker(addr)).is_some()
 }
 
+/// Where a packet to a frontend goes. Chosen by [`plan`] before policy judges the
+/// translated flow, carried out by [`commit`] only if policy allows it.
+pub struct Forward {
+    /// The backend the packet is DNATed to (its `addr` and `port`).
+    pub backend: BackendV4,
+    /// `NatEstablished`, `NatNew` or `NatReselected`.
+    pub reason: Reason,
+    /// Established: the flow's live ORIGINAL entry (refreshed on commit). Otherwise null:
+    /// commit records a new flow to `backend_id`.
+    entry: *mut CtValueV4,
+    service_id: u32,
+    backend_id: u32,
+}
+
 /// A packet to a frontend: follow its conntrack entry while the backend lives, otherwise
-/// pick a backend and remember the choice.
+/// pick a backend. Writes nothing but the removal of a dead backend's REPLY entry.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, pkt: &Packet, svc: ServiceValue) -> Result<Reason, Reason> {
-    let now = ct::now();
+pub fn plan(pkt: &Packet, svc: ServiceValue, now: u64) -> Result<Forward, Reason> {
     let mut reason = Reason::NatNew;
     if let Some(entry) = ct::lookup_original(pkt, svc.service_id, now) {
         // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
-        let entry = unsafe { &mut *entry };
-        if backend_matches(entry.backend_id, entry.nat_addr, entry.nat_port) {
-            ct::refresh(entry, pkt, now);
-            nat::dnat(ctx, pkt, entry.nat_addr, entry.nat_port)?;
-            return Ok(Reason::NatEstablished);
+        let e = unsafe { &*entry };
+        if backend_matches(e.backend_id, e.nat_addr, e.nat_port) {
+            return Ok(Forward {
+                backend: BackendV4 {
+                    addr: e.nat_addr,
+                    port: e.nat_port,
+                    proto: pkt.proto,
+                    flags: 0,
+                },
+                reason: Reason::NatEstablished,
+                entry,
+                service_id: svc.service_id,
+                backend_id: e.backend_id,
+            });
         }
         // The backend is gone (or its id now names another endpoint): never send to a dead
         // address; choose again below.
-        ct::forget_reply(pkt, entry);
+        ct::forget_reply(pkt, e);
         reason = Reason::NatReselected;
     }
     let (backend_id, backend) = select_backend(&svc)?;
-    ct::create(pkt, svc.service_id, backend_id, &backend, now)?;
-    nat::dnat(ctx, pkt, backend.addr, backend.port)?;
-    Ok(reason)
+    Ok(Forward {
+        backend,
+        reason,
+        entry: core::ptr::null_mut(),
+        service_id: svc.service_id,
+        backend_id,
+    })
+}
+
+/// Carries out `fwd`: refresh or record the flow in conntrack, then DNAT.
+#[inline(always)]
+pub fn commit(ctx: &TcContext, pkt: &Packet, fwd: &Forward, now: u64) -> Result<Reason, Reason> {
+    if fwd.entry.is_null() {
+        ct::create(pkt, fwd.service_id, fwd.backend_id, &fwd.backend, now)?;
+    } else {
+        // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
+        ct::refresh(unsafe { &mut *fwd.entry }, pkt, now);
+    }
+    nat::dnat(ctx, pkt, fwd.backend.addr, fwd.backend.port)?;
+    Ok(fwd.reason)
 }
 
 #[inline(always)]

@@ -1,20 +1,34 @@
 //! The kernel side of nodeplane.
 //!
 //! Two tc programs sit on the host side of every pod veth. `from_pod` (ingress) sees every
-//! packet a pod sends; `to_pod` (egress) every packet delivered to a pod. `from_pod`, per
-//! packet:
+//! packet a pod sends and checks the pod's EGRESS policy; `to_pod` (egress) sees every
+//! packet delivered to a pod and checks its INGRESS policy. Policy always judges the packet
+//! after DNAT and before reverse NAT (see `policy.rs` for its rules). `from_pod`, per packet:
 //!
 //! ```text
-//! parse ─► service lookup ─┬─ hit ─► conntrack (ORIGINAL) ─┬─ live ─► DNAT (established)
-//!                          │                               └─ miss ─► lb: pick backend ─► ct insert ─► DNAT (new)
-//!                          └─ miss ─► conntrack (REPLY) ─┬─ hit ─► reverse NAT (src := VIP)
-//!                                                        └─ miss ─► pass untouched
+//! parse ─┬─ later fragment ─► policy: fragment seen? ─► pass | drop
+//!        └─ packet ─► service lookup ─┬─ hit ─► conntrack (ORIGINAL) ─┬─ live ─► its backend ─┐
+//!                                     │                               └─ miss ─► pick backend ┤
+//!                                     │   ┌───────────────────────────────────────────────────┘
+//!                                     │   └► policy (egress, on client -> backend:target port) ─► ct insert/refresh ─► DNAT
+//!                                     └─ miss ─► conntrack (REPLY) ─► policy (egress, wire tuple) ─┬─ reply ─► reverse NAT (src := VIP)
+//!                                                                                                 └─ other ─► pass untouched
 //! ```
-//! `to_pod` only reverse-translates: a reply whose conntrack entry this node created gets its
-//! source set back to the VIP, wherever the backend is. That is what makes backends on other
-//! nodes and on the host network work: their replies never cross the ingress of a local pod
-//! veth, but they always cross the client's veth on the way in. (A reply from a local
-//! backend pod is already reverse-translated by `from_pod` and passes `to_pod` untouched.)
+//! `to_pod`:
+//!
+//! ```text
+//! parse ─┬─ later fragment ─► host-originated? pass : policy: fragment seen? ─► pass | drop
+//!        └─ packet ─► conntrack (REPLY) ─► host-originated? skip : policy (ingress, wire tuple) ─┬─ reply ─► reverse NAT
+//!                                                                                               └─ other ─► pass untouched
+//! ```
+//! `to_pod` reverse-translates replies whose conntrack entry this node created, wherever the
+//! backend is. That is what makes backends on other nodes and on the host network work:
+//! their replies never cross the ingress of a local pod veth, but they always cross the
+//! client's veth on the way in. (A reply from a local backend pod is already
+//! reverse-translated by `from_pod` and passes `to_pod` untouched.)
+//!
+//! First fragments are judged by policy like any packet but never translated; protocols
+//! other than TCP and UDP are judged (with ports 0 unless SCTP) and never translated.
 //!
 //! Every outcome is a [`Reason`]; the entry point counts it and turns it into a tc action.
 #![no_std]
@@ -26,6 +40,7 @@ mod maps;
 mod metrics;
 mod nat;
 mod parse;
+mod policy;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -61,28 +76,78 @@ fn try_from_pod(ctx: &TcContext) -> Result<Reason, Reason> {
         parse::Parsed::Packet(pkt) => pkt,
         parse::Parsed::Pass(reason) => return Ok(reason),
     };
-    if let Some(svc) = lb::lookup_service(&pkt) {
-        return lb::forward(ctx, &pkt, svc);
+    if pkt.frag == parse::Frag::Later {
+        return policy::fragment(policy::Hook::FromPod, &pkt, ctx.len());
     }
-    reverse(ctx, &pkt)
+    if pkt.is_translatable()
+        && let Some(svc) = lb::lookup_service(&pkt)
+    {
+        let now = ct::now();
+        let fwd = lb::plan(&pkt, svc, now)?;
+        let (addr, port) = (fwd.backend.addr, fwd.backend.port);
+        let flow = policy::Flow::translated(&pkt, ctx.len(), addr, port);
+        policy::check(policy::Hook::FromPod, &flow, fwd.reason)?;
+        return lb::commit(ctx, &pkt, &fwd, now);
+    }
+    judge_then_reverse(ctx, &pkt, policy::Hook::FromPod)
 }
 
 #[inline(always)]
 fn try_to_pod(ctx: &TcContext) -> Result<Reason, Reason> {
-    match parse::parse(ctx)? {
-        parse::Parsed::Packet(pkt) => reverse(ctx, &pkt),
-        parse::Parsed::Pass(reason) => Ok(reason),
+    // SAFETY: `skb` is the context pointer the kernel passed; aya-ebpf 0.2.1 has no accessor
+    // for this field. A packet generated on this node (kubelet probes, host-network pods)
+    // never went through a device's receive path, so it has no ingress interface.
+    let from_host = unsafe { (*ctx.skb.skb).ingress_ifindex } == 0;
+    let pkt = match parse::parse(ctx)? {
+        parse::Parsed::Packet(pkt) => pkt,
+        parse::Parsed::Pass(reason) => return Ok(reason),
+    };
+    match (from_host, pkt.frag) {
+        (true, parse::Frag::Later) => Ok(Reason::PassFragment),
+        (false, parse::Frag::Later) => policy::fragment(policy::Hook::ToPod, &pkt, ctx.len()),
+        (true, _) => reverse(ctx, &pkt, lookup_reply(&pkt)),
+        (false, _) => judge_then_reverse(ctx, &pkt, policy::Hook::ToPod),
     }
 }
 
-/// A reply of a translated flow gets its source back to the VIP; anything else passes.
+/// The reverse NAT a reply of a translated flow needs, if `pkt` is one.
 #[inline(always)]
-fn reverse(ctx: &TcContext, pkt: &parse::Packet) -> Result<Reason, Reason> {
-    if let Some(rev) = ct::lookup_reply(pkt) {
+fn lookup_reply(pkt: &parse::Packet) -> Option<ct::RevNat> {
+    // First fragments and protocols services do not translate have no reverse NAT.
+    if pkt.is_translatable() { ct::lookup_reply(pkt) } else { None }
+}
+
+/// A packet not to a frontend: policy judges it as it is on the wire, then a reply of a
+/// translated flow gets its source back to the VIP.
+#[inline(always)]
+fn judge_then_reverse(
+    ctx: &TcContext,
+    pkt: &parse::Packet,
+    hook: policy::Hook,
+) -> Result<Reason, Reason> {
+    let rev = lookup_reply(pkt);
+    let outcome = match (&rev, pkt.frag) {
+        (Some(_), _) => Reason::RevNat,
+        (None, parse::Frag::None) => Reason::PassNotService,
+        (None, _) => Reason::PassFragment,
+    };
+    policy::check(hook, &policy::Flow::of(pkt, ctx.len()), outcome)?;
+    reverse(ctx, pkt, rev)
+}
+
+/// Rewrites a reply's source back to the VIP (`rev`), or passes the packet untouched.
+#[inline(always)]
+fn reverse(
+    ctx: &TcContext,
+    pkt: &parse::Packet,
+    rev: Option<ct::RevNat>,
+) -> Result<Reason, Reason> {
+    if let Some(rev) = rev {
+        rev.refresh(pkt);
         nat::rev_snat(ctx, pkt, rev.vip, rev.vport)?;
         return Ok(Reason::RevNat);
     }
-    Ok(Reason::PassNotService)
+    Ok(if pkt.frag == parse::Frag::None { Reason::PassNotService } else { Reason::PassFragment })
 }
 
 #[cfg(not(test))]

@@ -1,12 +1,19 @@
-//! Every map of the datapath, one place. Key and value types are in `nodeplane_common::maps`.
+//! Every map of the datapath, one place. Key and value types are in `nodeplane_common::maps`
+//! and `nodeplane_common::policy`.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use nodeplane_common::{
     maps::{
         BackendV4, Counter, CtKeyV4, CtValueV4, MAX_BACKENDS, MAX_CT_ENTRIES, MAX_SERVICES,
         MAX_SLOTS, ServiceKeyV4, ServiceValue, SlotKey,
+    },
+    policy::{
+        EndpointV4, FLOW_RING_BYTES, FragKeyV4, FragValueV4, IpcacheKeyV4, MAX_ENDPOINTS,
+        MAX_FRAGS, MAX_IPCACHE, MAX_POLICY_COUNTERS, MAX_POLICY_CT, MAX_POLICY_ENTRIES,
+        PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyCtValue, PolicyKey, PolicyValue,
     },
     reason::Reason,
 };
@@ -33,3 +40,51 @@ pub static CT_V4: LruHashMap<CtKeyV4, CtValueV4> = LruHashMap::with_max_entries(
 /// Per-CPU packet and byte counters, one slot per `Reason`. Read by the agent.
 #[map]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// Peer address prefix -> identity (a plain native `u32`), longest prefix wins. Written by
+/// the agent. (LPM tries must be created with `BPF_F_NO_PREALLOC`; aya adds it anyway.)
+#[map]
+pub static IPCACHE_V4: LpmTrie<IpcacheKeyV4, u32> =
+    LpmTrie::with_max_entries(MAX_IPCACHE, BPF_F_NO_PREALLOC);
+
+/// Local pod IP -> its policy sets (ingress, egress) and identity. Written by the agent.
+/// No entry: the pod has no policy yet, in either direction.
+#[map]
+pub static ENDPOINTS_V4: HashMap<[u8; 4], EndpointV4> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// `(set, peer identity, proto, port)` -> the rule allowing it; shorter prefixes are
+/// wildcards (see `PolicyKey`). Every entry allows. Written by the agent.
+#[map]
+pub static POLICY_V4: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// One element: the policy revision and flags. Written by the agent after every change.
+#[map]
+pub static POLICY_CONFIG: Array<PolicyConfig> = Array::with_max_entries(1, 0);
+
+/// Policy conntrack: a flow's original-direction tuple (after DNAT) -> which checks passed,
+/// at which revision, and until when. Written by the datapath.
+#[map]
+pub static POLICY_CT_V4: LruHashMap<PolicyCtKey, PolicyCtValue> =
+    LruHashMap::with_max_entries(MAX_POLICY_CT, 0);
+
+/// Allowed first fragments `(saddr, daddr, id, proto, dir)` -> their ports, so the later
+/// fragments of the datagram (which carry no ports) may pass. Written by the datapath.
+#[map]
+pub static FRAGS_V4: LruHashMap<FragKeyV4, FragValueV4> =
+    LruHashMap::with_max_entries(MAX_FRAGS, 0);
+
+/// Per-CPU counters of new-flow policy verdicts: allows by rule, denies by set. Written by
+/// the datapath, read (summed) by the agent.
+#[map]
+pub static POLICY_COUNTERS: PerCpuHashMap<PolicyCounterKey, Counter> =
+    PerCpuHashMap::with_max_entries(MAX_POLICY_COUNTERS, 0);
+
+/// `FlowEvent` records: every policy deny, and allowed new flows when the config says so.
+/// Read by the agent's flow-log reader.
+#[map]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_RING_BYTES, 0);
+
+/// Per-CPU `[events written, events lost because the ring was full]`.
+#[map]
+pub static FLOW_EVENT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);

@@ -7,13 +7,15 @@
 //! | Ethernet or IPv4 header (with its options) truncated, version≠4, IHL < 5 | drop (`malformed-ip`) |
 //! | IPv4 options (IHL > 5)                         | parsed at the real IHL, handled normally |
 //! | fragment (MF set or offset ≠ 0) to a ClusterIP | drop (`fragment`): ports unknown, never translated |
-//! | fragment to anything else                      | pass (`pass-fragment`)     |
-//! | TCP/UDP header truncated, TCP data offset < 5  | drop (`malformed-l4`)      |
-//! | other protocol to a ClusterIP                  | drop (`unsupported-protocol`) |
-//! | other protocol to anything else                | pass (`pass-not-service`)  |
+//! | first fragment (MF set, offset 0) to anything else | a [`Packet`] with its ports, [`Frag::First`]: policy judges it, it is never translated |
+//! | later fragment (offset ≠ 0) to anything else   | a [`Packet`] with ports 0, [`Frag::Later`]: policy lets it pass if the first fragment did (`pass-fragment`) |
+//! | TCP/UDP/SCTP header truncated, TCP data offset < 5 | drop (`malformed-l4`)  |
+//! | SCTP or another protocol to a ClusterIP        | drop (`unsupported-protocol`) |
+//! | another protocol (ICMP, ...) to anything else  | a [`Packet`] with ports 0, for policy; never translated |
 use aya_ebpf::programs::TcContext;
 use nodeplane_common::{
     maps::{IPPROTO_TCP, IPPROTO_UDP},
+    policy::IPPROTO_SCTP,
     reason::Reason,
 };
 
@@ -25,11 +27,15 @@ const IPV4_MIN_HLEN: usize = 20;
 const IPV4_MAX_HLEN: usize = 60;
 const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
+/// The SCTP common header: ports, verification tag, checksum.
+const SCTP_HLEN: usize = 12;
 /// MF flag and fragment offset bits of the IPv4 `frag_off` field.
 const IP_MF_OR_OFFSET: u16 = 0x3fff;
+/// Fragment offset bits of the IPv4 `frag_off` field.
+const IP_OFFSET: u16 = 0x1fff;
 
-/// The fields of a TCP/UDP over IPv4 packet the datapath needs. Addresses and ports are in
-/// network order, as on the wire.
+/// The fields of an IPv4 packet the datapath needs. Addresses and ports are in network
+/// order, as on the wire. Ports are those of TCP, UDP or SCTP, and 0 for other protocols.
 pub struct Packet {
     /// Offset of the L4 header: `ETH_HLEN + IHL * 4`.
     pub l4_off: usize,
@@ -38,10 +44,36 @@ pub struct Packet {
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     pub proto: u8,
-    /// TCP flags byte (0 for UDP).
+    /// TCP flags byte (0 for other protocols).
     pub tcp_flags: u8,
+    /// IPv4 identification field (what the fragments of one datagram share).
+    pub ip_id: [u8; 2],
+    pub frag: Frag,
 }
 
+/// Where a packet stands in IPv4 fragmentation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not fragmented.
+    None,
+    /// MF set, offset 0: the L4 header (ports) is here; judged by policy, never translated.
+    First,
+    /// Offset ≠ 0: no L4 header, ports 0; judged by the policy fragment check only.
+    Later,
+}
+
+impl Packet {
+    /// Unfragmented TCP or UDP: what services translate.
+    #[inline(always)]
+    pub fn is_translatable(&self) -> bool {
+        self.frag == Frag::None && (self.proto == IPPROTO_TCP || self.proto == IPPROTO_UDP)
+    }
+}
+
+// A later fragment is a `Packet` rather than a variant of its own: with a third variant
+// whose fields overlap `Packet`'s, LLVM 22 filled the fields left undefined on the `Pass`
+// path with whatever register was at hand (the context pointer) and masked it, which the
+// 6.18 verifier rejects ("R6 bitwise operator &= on pointer prohibited").
 pub enum Parsed {
     Packet(Packet),
     /// Not for the service path; pass untouched, counted under this reason.
@@ -91,14 +123,30 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Reason> {
     let proto = ip[9];
     let saddr = [ip[12], ip[13], ip[14], ip[15]];
     let daddr = [ip[16], ip[17], ip[18], ip[19]];
+    let ip_id = [ip[4], ip[5]];
 
-    if u16::from_be_bytes([ip[6], ip[7]]) & IP_MF_OR_OFFSET != 0 {
-        return if lb::is_service_ip(daddr) {
-            Err(Reason::DropFragment)
-        } else {
-            Ok(Parsed::Pass(Reason::PassFragment))
-        };
+    let frag_off = u16::from_be_bytes([ip[6], ip[7]]);
+    let fragmented = frag_off & IP_MF_OR_OFFSET != 0;
+    if fragmented {
+        if lb::is_service_ip(daddr) {
+            return Err(Reason::DropFragment);
+        }
+        if frag_off & IP_OFFSET != 0 {
+            return Ok(Parsed::Packet(Packet {
+                l4_off,
+                saddr,
+                daddr,
+                sport: [0; 2],
+                dport: [0; 2],
+                proto,
+                tcp_flags: 0,
+                ip_id,
+                frag: Frag::Later,
+            }));
+        }
     }
+    // MF set, offset 0: the L4 header is here.
+    let frag = if fragmented { Frag::First } else { Frag::None };
 
     let (sport, dport, tcp_flags) = match proto {
         IPPROTO_TCP => {
@@ -113,12 +161,17 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Reason> {
             ([udp[0], udp[1]], [udp[2], udp[3]], 0)
         }
         _ => {
-            return if lb::is_service_ip(daddr) {
-                Err(Reason::DropUnsupportedProto)
+            // A first fragment's destination was checked above already.
+            if frag == Frag::None && lb::is_service_ip(daddr) {
+                return Err(Reason::DropUnsupportedProto);
+            }
+            if proto == IPPROTO_SCTP {
+                let sctp: [u8; SCTP_HLEN] = read(ctx, l4_off).ok_or(Reason::DropMalformedL4)?;
+                ([sctp[0], sctp[1]], [sctp[2], sctp[3]], 0)
             } else {
-                Ok(Parsed::Pass(Reason::PassNotService))
-            };
+                ([0; 2], [0; 2], 0)
+            }
         }
     };
-    Ok(Parsed::Packet(Packet { l4_off, saddr, daddr, sport, dport, proto, tcp_flags }))
+    Ok(Parsed::Packet(Packet { l4_off, saddr, daddr, sport, dport, proto, tcp_flags, ip_id, frag }))
 }
