@@ -11,6 +11,7 @@
 //! |---------------|------------------------------------------------------------|----------------------------------------------------------|
 //! | Service       | `service-proxy-name` label, headless, ExternalName, no clusterIP, IPv6-only | invalid clusterIP (whole Service); port with SCTP/unknown protocol or bad number (that port) |
 //! | EndpointSlice | addressType other than IPv4                                | no `service-name` label (whole slice); bad port (that port); bad address (that endpoint) |
+//! | NetworkPolicy | –                                                          | invalid peer or port (that peer or port, fail closed; see [`policy::convert`](crate::policy::convert)) |
 //!
 //! Skips are remembered per object: re-applying an unchanged object does not warn again,
 //! and applying a fixed version (or deleting the object) clears them. The current skips are
@@ -20,14 +21,16 @@ use std::{
     net::{IpAddr, Ipv6Addr},
 };
 
-use k8s_openapi::api::{
-    core::v1 as corev1, discovery::v1 as discoveryv1, networking::v1 as networkingv1,
-};
+use k8s_openapi::api::{core::v1 as corev1, discovery::v1 as discoveryv1};
 
 use crate::{
     model::{
         ContainerPort, Endpoint, EndpointPort, EndpointSlice, Ipv4Cidr, Namespace, Node,
         NodeAddress, Pod, PodPhase, Protocol, Service, ServicePort, parse_ipv4_canonical,
+    },
+    policy::{
+        Policy, PolicyProtocol,
+        convert::{PolicyIssue, convert_policy},
     },
     source::{Event, Kind, Object, ObjectKey},
 };
@@ -54,6 +57,9 @@ pub enum SkipReason {
     ForbiddenEndpointAddress { address: String, why: &'static str },
     #[error("{SERVICE_NAME_LABEL} {name:?} is not a valid Service name; skipping the slice")]
     InvalidServiceName { name: String },
+    /// A NetworkPolicy part dropped or repaired, fail closed (never widening the policy).
+    #[error("{0}")]
+    InvalidPolicyPart(PolicyIssue),
 }
 
 impl SkipReason {
@@ -67,6 +73,7 @@ impl SkipReason {
             SkipReason::InvalidEndpointAddress { .. } => "invalid_endpoint_address",
             SkipReason::ForbiddenEndpointAddress { .. } => "forbidden_endpoint_address",
             SkipReason::InvalidServiceName { .. } => "invalid_service_name",
+            SkipReason::InvalidPolicyPart(_) => "invalid_policy_part",
         }
     }
 }
@@ -81,8 +88,7 @@ pub struct Index {
     pods: BTreeMap<ObjectKey, Pod>,
     namespaces: BTreeMap<ObjectKey, Namespace>,
     nodes: BTreeMap<ObjectKey, Node>,
-    /// Kept as the API's spec until the datapath enforces policy and a model exists for it.
-    network_policies: BTreeMap<ObjectKey, networkingv1::NetworkPolicySpec>,
+    network_policies: BTreeMap<ObjectKey, Policy>,
     skips: BTreeMap<(Kind, ObjectKey), Vec<SkipReason>>,
     revision: u64,
     /// What changed for the service maps since [`Index::take_dirty`].
@@ -98,6 +104,9 @@ pub struct Dirty {
     pub all: bool,
     /// Services whose EndpointSlices changed.
     pub services: BTreeSet<ObjectKey>,
+    /// A Pod, Namespace or NetworkPolicy changed: the policy maps are to be recomputed.
+    /// Independent of the two fields above (the service maps ignore it).
+    pub policy_dirty: bool,
 }
 
 impl Index {
@@ -129,13 +138,23 @@ impl Index {
                 let model = convert_slice(&key, slice, &mut skips);
                 self.store_slice(&key, model)
             }
-            Object::Pod(pod) => store(&mut self.pods, &key, Some(convert_pod(&key, pod))),
+            Object::Pod(pod) => {
+                let changed = store(&mut self.pods, &key, Some(convert_pod(&key, pod)));
+                self.dirty.policy_dirty |= changed;
+                changed
+            }
             Object::Namespace(ns) => {
-                store(&mut self.namespaces, &key, Some(convert_namespace(&key, ns)))
+                let changed = store(&mut self.namespaces, &key, Some(convert_namespace(&key, ns)));
+                self.dirty.policy_dirty |= changed;
+                changed
             }
             Object::Node(node) => store(&mut self.nodes, &key, Some(convert_node(&key, node))),
             Object::NetworkPolicy(np) => {
-                store(&mut self.network_policies, &key, Some(np.spec.clone().unwrap_or_default()))
+                let (model, issues) = convert_policy(&key, np.spec.as_ref());
+                skips.extend(issues.into_iter().map(SkipReason::InvalidPolicyPart));
+                let changed = store(&mut self.network_policies, &key, Some(model));
+                self.dirty.policy_dirty |= changed;
+                changed
             }
         };
         self.record_skips(kind, &key, skips);
@@ -155,6 +174,9 @@ impl Index {
             Kind::Node => store(&mut self.nodes, key, None),
             Kind::NetworkPolicy => store(&mut self.network_policies, key, None),
         };
+        if matches!(kind, Kind::Pod | Kind::Namespace | Kind::NetworkPolicy) {
+            self.dirty.policy_dirty |= changed;
+        }
         if changed {
             self.revision += 1;
         }
@@ -236,10 +258,13 @@ impl Index {
         self.nodes.values()
     }
 
-    pub fn network_policies(
-        &self,
-    ) -> impl Iterator<Item = (&ObjectKey, &networkingv1::NetworkPolicySpec)> {
-        self.network_policies.iter()
+    /// The converted policies, in key order.
+    pub fn network_policies(&self) -> impl Iterator<Item = &Policy> {
+        self.network_policies.values()
+    }
+
+    pub fn network_policy(&self, key: &ObjectKey) -> Option<&Policy> {
+        self.network_policies.get(key)
     }
 
     /// Number of objects of `kind` held (skipped objects not counted).
@@ -283,7 +308,7 @@ impl Index {
         }
     }
 
-    /// What changed for the service maps since the last call, and forget it.
+    /// What changed for the service and policy maps since the last call, and forget it.
     pub fn take_dirty(&mut self) -> Dirty {
         std::mem::take(&mut self.dirty)
     }
@@ -533,13 +558,17 @@ fn convert_pod(key: &ObjectKey, pod: &corev1::Pod) -> Pod {
     let ip = ips.filter_map(parse_ipv4_canonical).next();
     let mut container_ports = Vec::new();
     for p in spec.into_iter().flat_map(|s| &s.containers).flat_map(|c| c.ports.iter().flatten()) {
-        match convert_port(p.name.as_deref(), Some(p.container_port), p.protocol.as_deref()) {
-            Ok((port, protocol)) => {
-                container_ports.push(ContainerPort { name: p.name.clone(), port, protocol })
-            }
-            // Pods are not programmed from their ports; policy only needs TCP/UDP ones.
-            Err(reason) => tracing::debug!(kind = %Kind::Pod, object = %key, "container {reason}"),
-        }
+        let label = || port_label(p.name.as_deref(), Some(p.container_port), p.protocol.as_deref());
+        let Ok(protocol) = PolicyProtocol::from_k8s(p.protocol.as_deref()) else {
+            // Pods are not programmed from their ports; policy only matches TCP/UDP/SCTP.
+            tracing::debug!(kind = %Kind::Pod, object = %key, "container port {}: protocol not supported", label());
+            continue;
+        };
+        let Some(port) = u16::try_from(p.container_port).ok().filter(|n| *n != 0) else {
+            tracing::debug!(kind = %Kind::Pod, object = %key, "container port {}: invalid number", label());
+            continue;
+        };
+        container_ports.push(ContainerPort { name: p.name.clone(), port, protocol });
     }
     container_ports.sort();
     container_ports.dedup();
@@ -702,7 +731,7 @@ pub(crate) mod test_helpers {
 mod tests {
     use std::net::Ipv4Addr;
 
-    use k8s_openapi::api::core::v1 as corev1;
+    use k8s_openapi::api::{core::v1 as corev1, networking::v1 as networkingv1};
 
     use super::{test_helpers::*, *};
 
@@ -1092,7 +1121,18 @@ mod tests {
         assert_eq!(pod.ip, Some(Ipv4Addr::new(10, 244, 1, 5)));
         assert_eq!(pod.phase, PodPhase::Running);
         assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
-        assert_eq!(pod.container_ports.len(), 1);
+        assert_eq!(
+            pod.container_ports,
+            vec![
+                ContainerPort { name: None, port: 9, protocol: PolicyProtocol::Sctp },
+                ContainerPort {
+                    name: Some("http".into()),
+                    port: 8080,
+                    protocol: PolicyProtocol::Tcp
+                },
+            ],
+            "SCTP ports are kept: a policy's named port may name one"
+        );
 
         let mut ns_meta = meta("", "shop", &[("team", "a")]);
         ns_meta.namespace = None;
@@ -1123,5 +1163,90 @@ mod tests {
         assert_eq!(node.addresses.len(), 1);
         index.reset(Kind::Node, vec![]);
         assert!(index.node("n1").is_none());
+    }
+
+    fn mk_policy(ns: &str, name: &str, yaml_spec: &str) -> networkingv1::NetworkPolicy {
+        networkingv1::NetworkPolicy {
+            metadata: meta(ns, name, &[]),
+            spec: Some(serde_yaml::from_str(yaml_spec).expect("spec YAML")),
+        }
+    }
+
+    const BAD_PEER: &str = "podSelector: {}
+ingress: [{from: [{ipBlock: {cidr: 'fd00::/64'}}, {podSelector: {}}]}]";
+
+    #[test]
+    fn network_policies_are_converted_with_bad_parts_skipped() {
+        let mut index = Index::new();
+        index.apply(mk_policy("shop", "np", BAD_PEER));
+        let policy = index.network_policy(&key("shop", "np")).expect("indexed");
+        let Some(rules) = &policy.ingress else { panic!("ingress rules") };
+        assert!(matches!(&rules[0].peers, crate::policy::Peers::Only(p) if p.len() == 1));
+        assert_eq!(index.network_policies().count(), 1);
+        assert_eq!(index.len(Kind::NetworkPolicy), 1);
+        let reasons = skips_of(&index, Kind::NetworkPolicy, &key("shop", "np"));
+        assert_eq!(reasons.len(), 1);
+        assert_eq!(reasons[0].label(), "invalid_policy_part");
+        assert_eq!(index.skipped_counts(), BTreeMap::from([("invalid_policy_part", 1)]));
+        index.handle(Event::Retain(Kind::NetworkPolicy, BTreeSet::new()));
+        assert_eq!(index.len(Kind::NetworkPolicy), 0);
+        assert!(index.skipped_counts().is_empty());
+    }
+
+    #[test]
+    fn policy_issues_warn_once_naming_the_policy_and_reason() {
+        let mut index = Index::new();
+        let first = warnings(|| index.apply(mk_policy("shop", "np", BAD_PEER)));
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert!(
+            first[0].contains(
+                "NetworkPolicy shop/np: spec.ingress[0].from[0]: cidr fd00::/64 is IPv6 and the \
+                 datapath is IPv4-only; dropping the peer"
+            ),
+            "{}",
+            first[0]
+        );
+        assert!(first[0].contains("invalid_policy_part"), "{}", first[0]);
+        assert!(warnings(|| index.apply(mk_policy("shop", "np", BAD_PEER))).is_empty());
+        index.apply(mk_policy("shop", "np", "podSelector: {}"));
+        assert!(index.skipped_counts().is_empty(), "the fixed version has no issue");
+        assert_eq!(warnings(|| index.apply(mk_policy("shop", "np", BAD_PEER))).len(), 1);
+    }
+
+    #[test]
+    fn policy_dirty_follows_pods_namespaces_and_policies_only() {
+        let mut index = Index::new();
+        let pod = |label: &str| corev1::Pod {
+            metadata: meta("shop", "web-0", &[("app", label)]),
+            ..Default::default()
+        };
+        let ns = |team: &str| {
+            let mut m = meta("", "shop", &[("team", team)]);
+            m.namespace = None;
+            corev1::Namespace { metadata: m, ..Default::default() }
+        };
+        index.apply(mk_service("shop", "web", "10.96.0.10", &[("", 80, "")]));
+        let dirty = index.take_dirty();
+        assert!(dirty.all && !dirty.policy_dirty, "a Service is not a policy input");
+
+        index.apply(pod("web"));
+        let dirty = index.take_dirty();
+        assert!(dirty.policy_dirty && !dirty.all && dirty.services.is_empty());
+        index.apply(pod("web"));
+        assert!(!index.take_dirty().policy_dirty, "an unchanged Pod");
+        index.apply(ns("a"));
+        assert!(index.take_dirty().policy_dirty);
+        index.apply(mk_policy("shop", "np", "podSelector: {}"));
+        assert!(index.take_dirty().policy_dirty);
+        index.apply(mk_policy("shop", "np", "podSelector: {}"));
+        assert!(!index.take_dirty().policy_dirty, "an unchanged policy");
+        index.delete(Kind::NetworkPolicy, &key("shop", "np"));
+        assert!(index.take_dirty().policy_dirty);
+        index.retain(Kind::Pod, &BTreeSet::new());
+        assert!(index.take_dirty().policy_dirty, "a Pod retained away");
+        index.reset(Kind::Namespace, vec![]);
+        assert!(index.take_dirty().policy_dirty, "a Namespace reset away");
+        index.delete(Kind::Pod, &key("shop", "gone"));
+        assert_eq!(index.take_dirty(), Dirty::default(), "deleting an unknown Pod");
     }
 }

@@ -163,17 +163,19 @@ pub struct Pod {
     pub ip: Option<Ipv4Addr>,
     pub phase: PodPhase,
     pub node_name: Option<String>,
-    /// TCP/UDP container ports of all containers, for named-port policy rules.
+    /// TCP/UDP/SCTP container ports of all containers, for named-port policy rules.
     pub container_ports: Vec<ContainerPort>,
     /// `spec.hostNetwork`: such a Pod shares the node's address and has no veth.
     pub host_network: bool,
 }
 
+/// A container port; only named ones matter to policy, but all are kept. SCTP included: a
+/// policy's named port may name an SCTP port even though Services do not load-balance SCTP.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ContainerPort {
     pub name: Option<String>,
     pub port: u16,
-    pub protocol: Protocol,
+    pub protocol: crate::policy::PolicyProtocol,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,6 +21,7 @@ use nodeplane_common::policy::{EndpointV4, PolicyConfig, PolicyKey, PolicyValue}
 use crate::model::{Ipv4Cidr, Labels, ObjectKey};
 
 pub mod compute;
+pub mod convert;
 pub mod reference;
 
 /// A `networking.k8s.io/v1` NetworkPolicy as the datapath can enforce it.
@@ -117,6 +118,17 @@ impl PolicyProtocol {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
             Self::Sctp => "SCTP",
+        }
+    }
+
+    /// A k8s `protocol` field (policy or container port): absent means TCP; the exact,
+    /// case-sensitive spellings `TCP`, `UDP` and `SCTP` are accepted.
+    pub fn from_k8s(protocol: Option<&str>) -> Result<Self, crate::model::UnsupportedProtocol> {
+        match protocol {
+            None | Some("TCP") => Ok(Self::Tcp),
+            Some("UDP") => Ok(Self::Udp),
+            Some("SCTP") => Ok(Self::Sctp),
+            Some(other) => Err(crate::model::UnsupportedProtocol(other.to_string())),
         }
     }
 }
