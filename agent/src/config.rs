@@ -208,9 +208,11 @@ pub struct FlowLogConfig {
 impl FlowLogConfig {
     /// The `POLICY_CFG_F_*` bits the flow log asks of the datapath.
     pub fn policy_flags(config: Option<&Self>) -> u32 {
+        use nodeplane_common::policy::{POLICY_CFG_F_EVENTS, POLICY_CFG_F_LOG_ALLOWED};
         match config {
-            Some(c) if c.log_allowed => nodeplane_common::policy::POLICY_CFG_F_LOG_ALLOWED,
-            _ => 0,
+            Some(c) if c.log_allowed => POLICY_CFG_F_EVENTS | POLICY_CFG_F_LOG_ALLOWED,
+            Some(_) => POLICY_CFG_F_EVENTS,
+            None => 0,
         }
     }
 }
@@ -421,6 +423,10 @@ mod tests {
             burst: 2000,
         };
         assert_eq!(c.flow_log, Some(want));
+        assert_eq!(
+            FlowLogConfig::policy_flags(c.flow_log.as_ref()),
+            nodeplane_common::policy::POLICY_CFG_F_EVENTS
+        );
 
         let c = resolve(
             &[
@@ -441,7 +447,8 @@ mod tests {
         assert_eq!(c.flow_log.as_ref(), Some(&want));
         assert_eq!(
             FlowLogConfig::policy_flags(c.flow_log.as_ref()),
-            nodeplane_common::policy::POLICY_CFG_F_LOG_ALLOWED
+            nodeplane_common::policy::POLICY_CFG_F_EVENTS
+                | nodeplane_common::policy::POLICY_CFG_F_LOG_ALLOWED
         );
         let c =
             resolve(&["--node-name=n", "--flow-log=-", "--flow-log-allowed=false"], "").unwrap();

@@ -137,6 +137,7 @@ pub fn decode(bytes: &[u8]) -> Result<FlowEvent, DecodeError> {
         orig_daddr: a4(36),
         orig_dport: a2(40),
         _pad: a2(42),
+        _reserved: u32_at(44),
     };
     check(&event)?;
     Ok(event)

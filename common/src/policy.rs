@@ -130,8 +130,12 @@ pub struct PolicyConfig {
 }
 const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 8);
 
-/// Emit a flow event for every allowed new flow too (not only for drops).
+/// Emit a flow event for every allowed new flow too (not only for drops). Needs
+/// [`POLICY_CFG_F_EVENTS`].
 pub const POLICY_CFG_F_LOG_ALLOWED: u32 = 1;
+/// Write flow events at all. Off while nobody reads the ring buffer (no `--flow-log`), so
+/// a full ring does not count every drop as a lost event.
+pub const POLICY_CFG_F_EVENTS: u32 = 2;
 
 /// Key of `POLICY_CT_V4`: a flow's 5-tuple in its original direction, after service
 /// translation (so the backend, not the VIP).
@@ -238,6 +242,8 @@ pub struct FlowEvent {
     pub orig_daddr: [u8; 4],
     pub orig_dport: [u8; 2],
     pub _pad: [u8; 2],
+    /// Explicit tail padding (the record is 8-aligned); written as 0.
+    pub _reserved: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 48);
 

@@ -41,7 +41,7 @@ use nodeplane_common::{
     maps::{Counter, IPPROTO_TCP, IPPROTO_UDP},
     policy::{
         DIR_EGRESS, DIR_INGRESS, EndpointV4, FlowEvent, FragKeyV4, FragValueV4, IDENTITY_ANY,
-        IDENTITY_UNSELECTED, PCT_F_EGRESS, PCT_F_INGRESS, POLICY_CFG_F_LOG_ALLOWED, PolicyConfig,
+        IDENTITY_UNSELECTED, PCT_F_EGRESS, PCT_F_INGRESS, POLICY_CFG_F_EVENTS, POLICY_CFG_F_LOG_ALLOWED, PolicyConfig,
         PolicyCounterKey, PolicyCtKey, PolicyCtValue, PolicyKey, SET_NONE, VERDICT_ALLOW,
         VERDICT_DENY,
     },
@@ -488,6 +488,11 @@ fn event(
     rule: u32,
     peer_identity: u32,
 ) {
+    // Only on verdicts that produce an event, so one more array lookup is fine here.
+    let flags = POLICY_CONFIG.get(0).map_or(0, |c| c.flags);
+    if flags & POLICY_CFG_F_EVENTS == 0 {
+        return;
+    }
     let slot = match FLOW_EVENTS.reserve::<FlowEvent>(0) {
         Some(mut entry) => {
             entry.write(FlowEvent {
@@ -506,6 +511,7 @@ fn event(
                 orig_daddr: flow.orig_daddr,
                 orig_dport: flow.orig_dport,
                 _pad: [0; 2],
+                _reserved: 0,
             });
             entry.submit(0);
             0

@@ -20,7 +20,7 @@ use nodeplane_common::{
     },
     policy::{
         DIR_EGRESS, DIR_INGRESS, EndpointV4, FlowEvent, IDENTITY_ANY, IDENTITY_UNSELECTED,
-        IPPROTO_ICMP, IPPROTO_SCTP, PCT_F_EGRESS, PCT_F_INGRESS, POLICY_CFG_F_LOG_ALLOWED,
+        IPPROTO_ICMP, IPPROTO_SCTP, PCT_F_EGRESS, PCT_F_INGRESS, POLICY_CFG_F_EVENTS, POLICY_CFG_F_LOG_ALLOWED,
         PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyKey, PolicyValue, SET_NONE,
         VERDICT_ALLOW, VERDICT_DENY,
     },
@@ -519,7 +519,7 @@ fn host_originated_packets_are_always_allowed_into_a_pod() {
     expect_from(&mut dp, names::PROG_TO_POD, &later, 0, TC_ACT_OK, Reason::PassFragment);
     // The same packet forwarded from an interface is judged.
     expect_from(&mut dp, names::PROG_TO_POD, &probe, 3, TC_ACT_SHOT, Reason::DropPolicy);
-    assert_eq!(verdicts(&mut dp, SET_B_IN, VERDICT_DENY, DIR_INGRESS), 1);
+    assert_eq!(verdicts(&mut dp, SET_B_IN, VERDICT_DENY, DIR_INGRESS), 2);
 }
 
 #[test]
@@ -604,6 +604,11 @@ fn flow_events_report_every_deny_and_allowed_new_flows_only_when_asked() {
     endpoint(&mut dp, B, SET_B_IN, SET_NONE, ID_B);
     allow(&mut dp, SET_B_IN, ID_A, IPPROTO_TCP, 8080, PolicyKey::PREFIX_FULL, RULE_1);
 
+    // Events off (nobody reads the ring): the drop is counted, nothing is written or lost.
+    to_pod(&mut dp, &tcp((PEER, 39999), (B, 8080)), TC_ACT_SHOT, Reason::DropPolicy);
+    assert!(drain(&mut ring).is_empty(), "no events without POLICY_CFG_F_EVENTS");
+
+    config(&mut dp, 0, POLICY_CFG_F_EVENTS);
     to_pod(&mut dp, &tcp((PEER, 40000), (B, 8080)), TC_ACT_SHOT, Reason::DropPolicy);
     to_pod(&mut dp, &tcp((A, 40000), (B, 8080)), TC_ACT_OK, Reason::PassNotService);
     let events = drain(&mut ring);
@@ -616,7 +621,7 @@ fn flow_events_report_every_deny_and_allowed_new_flows_only_when_asked() {
     assert_eq!((e.set, e.rule, e.peer_identity), (SET_B_IN, 0, ID_PEER));
     assert_eq!((e.orig_daddr, e.orig_dport), ([0; 4], [0; 2]));
 
-    config(&mut dp, 1, POLICY_CFG_F_LOG_ALLOWED);
+    config(&mut dp, 1, POLICY_CFG_F_EVENTS | POLICY_CFG_F_LOG_ALLOWED);
     to_pod(&mut dp, &tcp((A, 40001), (B, 8080)), TC_ACT_OK, Reason::PassNotService);
     // Established packets are not logged, new flows are.
     let ack = Frame::tcp((A, 40001), (B, 8080), TCP_ACK).build();
@@ -632,5 +637,5 @@ fn flow_events_report_every_deny_and_allowed_new_flows_only_when_asked() {
     let c = dp.maps().policy_counters().expect("policy counters");
     assert_eq!((c.events_written, c.events_lost), (2, 0));
     assert_eq!(verdicts(&mut dp, RULE_1, VERDICT_ALLOW, DIR_INGRESS), 2);
-    assert_eq!(verdicts(&mut dp, SET_B_IN, VERDICT_DENY, DIR_INGRESS), 1);
+    assert_eq!(verdicts(&mut dp, SET_B_IN, VERDICT_DENY, DIR_INGRESS), 2);
 }
