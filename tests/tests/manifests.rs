@@ -51,6 +51,10 @@ const AGENT_SETTINGS: &[(&str, &str)] = &[
     ("--healthz-timeout", "NODEPLANE_HEALTHZ_TIMEOUT"),
     ("--iface-prefix", "NODEPLANE_IFACE_PREFIX"),
     ("--log-format", "NODEPLANE_LOG_FORMAT"),
+    ("--flow-log", "NODEPLANE_FLOW_LOG"),
+    ("--flow-log-allowed", "NODEPLANE_FLOW_LOG_ALLOWED"),
+    ("--flow-log-rate", "NODEPLANE_FLOW_LOG_RATE"),
+    ("--flow-log-burst", "NODEPLANE_FLOW_LOG_BURST"),
 ];
 /// Read by kube-rs's in-cluster configuration rather than by the agent's flags.
 const IN_CLUSTER_ENV: &[&str] = &["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"];
