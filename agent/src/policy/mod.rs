@@ -22,7 +22,9 @@ use crate::model::{Ipv4Cidr, Labels, ObjectKey};
 
 pub mod compute;
 pub mod convert;
+pub mod lpm;
 pub mod reference;
+pub mod sync;
 
 /// A `networking.k8s.io/v1` NetworkPolicy as the datapath can enforce it.
 #[derive(Clone, Debug, PartialEq, Eq)]
