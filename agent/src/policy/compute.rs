@@ -29,6 +29,8 @@
 //! * A pod whose namespace is not in the input has empty namespace labels: only an empty
 //!   (match-everything) namespace selector selects it, and the own-namespace scope still
 //!   works. The index normally knows every namespace before its pods matter.
+//!   ([`reference`](super::reference) chose otherwise: no `namespaceSelector` matches
+//!   such a pod. The two agree whenever every namespace is known.)
 //!
 //! # Ipcache
 //!

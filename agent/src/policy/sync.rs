@@ -130,6 +130,18 @@ impl PolicySyncer {
         self
     }
 
+    /// Start from what the (pinned) maps hold, read back at start-up: the first plan then
+    /// deletes what a previous run left behind instead of leaking it, and continues its
+    /// revision. `current.names` is not used.
+    pub fn with_realized(mut self, current: &PolicyMaps, config: PolicyConfig) -> Self {
+        self.ipcache = current.ipcache.clone();
+        self.endpoints = current.endpoints.clone();
+        self.rules = current.rules.clone();
+        self.config = config;
+        self.flags = config.flags;
+        self
+    }
+
     /// `POLICY_CFG_F_*` bits for the next plan.
     pub fn set_flags(&mut self, flags: u32) {
         self.flags = flags;
@@ -570,6 +582,25 @@ mod tests {
         let mut s = PolicySyncer::new().with_revision(41);
         let mut f = FakePolicyMaps::new();
         assert_eq!(s.apply(&m, &mut f).expect("apply").revision, 42);
+    }
+
+    #[test]
+    fn a_restart_cleans_up_what_the_last_run_left() {
+        let old = world(3, allow_web_to_db(80)).compute();
+        let new = world(1, allow_web_to_db(81)).compute();
+        let mut f = FakePolicyMaps::new();
+        PolicySyncer::new().apply(&old, &mut f).expect("apply");
+        let pinned = PolicyMaps {
+            ipcache: f.ipcache.clone(),
+            endpoints: f.endpoints.clone(),
+            rules: f.rules.clone(),
+            ..PolicyMaps::default()
+        };
+        let mut s = PolicySyncer::new().with_realized(&pinned, f.config);
+        assert!(s.plan(&old).is_empty(), "nothing to do for the same state");
+        s.apply(&new, &mut f).expect("apply");
+        f.check_matches(&new).expect("stale entries deleted");
+        assert_eq!(f.config.revision, 2);
     }
 
     #[test]
