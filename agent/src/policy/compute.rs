@@ -352,31 +352,11 @@ struct Signature {
     named: Vec<(u32, u16)>,
 }
 
-/// `ContainerPort::protocol` as a policy protocol, whichever type the model uses.
-trait AsPolicyProtocol {
-    fn policy_protocol(&self) -> PolicyProtocol;
-}
-
-impl AsPolicyProtocol for crate::model::Protocol {
-    fn policy_protocol(&self) -> PolicyProtocol {
-        match self {
-            crate::model::Protocol::Tcp => PolicyProtocol::Tcp,
-            crate::model::Protocol::Udp => PolicyProtocol::Udp,
-        }
-    }
-}
-
-impl AsPolicyProtocol for PolicyProtocol {
-    fn policy_protocol(&self) -> PolicyProtocol {
-        *self
-    }
-}
-
 /// Ports `ports` name `name` with `protocol`, sorted.
 fn resolve_named(ports: &[ContainerPort], name: &str, protocol: PolicyProtocol) -> Vec<u16> {
     let mut found: Vec<u16> = ports
         .iter()
-        .filter(|p| p.name.as_deref() == Some(name) && p.protocol.policy_protocol() == protocol)
+        .filter(|p| p.name.as_deref() == Some(name) && p.protocol == protocol)
         .map(|p| p.port)
         .collect();
     found.sort_unstable();
@@ -434,12 +414,20 @@ impl<'a> World<'a> {
         }
         let mut prefix_peers: BTreeMap<Ipv4Cidr, Vec<PeerRef>> = BTreeMap::new();
         let mut prefix_sig = BTreeMap::new();
+        // Only blocks whose cidr is one of the (at most 33) prefixes covering p can match.
+        let mut blocks_by_cidr: HashMap<Ipv4Cidr, Vec<usize>> = HashMap::new();
+        for (i, (_, cidr, _)) in blocks.iter().enumerate() {
+            blocks_by_cidr.entry(*cidr).or_default().push(i);
+        }
         for p in &prefixes {
-            let peers: Vec<PeerRef> = blocks
-                .iter()
-                .filter(|(_, cidr, except)| covers(cidr, p) && !except.iter().any(|e| covers(e, p)))
+            let mut peers: Vec<PeerRef> = (0..=p.prefix_len())
+                .filter_map(|len| blocks_by_cidr.get(&lpm::ipv4_prefix(p.addr(), len)))
+                .flatten()
+                .map(|i| &blocks[*i])
+                .filter(|(_, _, except)| !except.iter().any(|e| covers(e, p)))
                 .map(|(pref, _, _)| *pref)
                 .collect();
+            peers.sort_unstable();
             prefix_sig
                 .insert(*p, interner.intern(Signature { peers: peers.clone(), named: vec![] }));
             prefix_peers.insert(*p, peers);
@@ -507,7 +495,7 @@ impl<'a> World<'a> {
                 .iter()
                 .filter_map(|cp| {
                     let name = cp.name.as_deref()?;
-                    let i = named_idx.get(&(name, cp.protocol.policy_protocol()))?;
+                    let i = named_idx.get(&(name, cp.protocol))?;
                     Some((*i, cp.port))
                 })
                 .collect();
@@ -674,7 +662,7 @@ impl<'a> World<'a> {
         let mut ports: Vec<(String, PolicyProtocol, u16)> = if uses_named {
             pod.container_ports
                 .iter()
-                .filter_map(|cp| Some((cp.name.clone()?, cp.protocol.policy_protocol(), cp.port)))
+                .filter_map(|cp| Some((cp.name.clone()?, cp.protocol, cp.port)))
                 .collect()
         } else {
             Vec::new()
@@ -993,27 +981,6 @@ pub(crate) mod fixtures {
 
     pub const NODE: &str = "n1";
 
-    /// `ContainerPort::protocol` from a policy protocol, whichever type the model uses.
-    pub trait FromPolicyProtocol {
-        fn from_policy(p: PolicyProtocol) -> Self;
-    }
-
-    impl FromPolicyProtocol for PolicyProtocol {
-        fn from_policy(p: PolicyProtocol) -> Self {
-            p
-        }
-    }
-
-    impl FromPolicyProtocol for crate::model::Protocol {
-        fn from_policy(p: PolicyProtocol) -> Self {
-            match p {
-                PolicyProtocol::Tcp => Self::Tcp,
-                PolicyProtocol::Udp => Self::Udp,
-                PolicyProtocol::Sctp => panic!("no SCTP container ports in this model"),
-            }
-        }
-    }
-
     pub fn ip(last: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 0, 0, last)
     }
@@ -1040,11 +1007,7 @@ pub(crate) mod fixtures {
     }
 
     pub fn with_port(mut pod: Pod, name: &str, port: u16, protocol: PolicyProtocol) -> Pod {
-        pod.container_ports.push(ContainerPort {
-            name: Some(name.to_string()),
-            port,
-            protocol: FromPolicyProtocol::from_policy(protocol),
-        });
+        pod.container_ports.push(ContainerPort { name: Some(name.to_string()), port, protocol });
         pod
     }
 
@@ -1241,7 +1204,8 @@ pub(crate) mod fixtures {
     }
 
     fn pod_strategy()
-    -> impl Strategy<Value = (String, Labels, PodPhase, bool, bool, Option<u16>, bool)> {
+    -> impl Strategy<Value = (String, Labels, PodPhase, bool, bool, Option<u16>, Option<PolicyProtocol>)>
+    {
         (
             ns_name(),
             label_set(),
@@ -1254,7 +1218,8 @@ pub(crate) mod fixtures {
             prop::bool::weighted(0.1),
             prop::bool::weighted(0.7),
             prop::option::of(prop::sample::select(vec![80u16, 8080])),
-            any::<bool>(),
+            // "dns" on port 53, in any protocol (SCTP included).
+            prop::option::of(prop::sample::select(PolicyProtocol::ALL.to_vec())),
         )
     }
 
@@ -1275,8 +1240,8 @@ pub(crate) mod fixtures {
                         if let Some(h) = http {
                             p = with_port(p, "http", h, PolicyProtocol::Tcp);
                         }
-                        if dns {
-                            p = with_port(p, "dns", 53, PolicyProtocol::Udp);
+                        if let Some(proto) = dns {
+                            p = with_port(p, "dns", 53, proto);
                         }
                         p
                     })
