@@ -72,14 +72,15 @@ use aya::maps::{MapData, RingBuf};
 use nodeplane_common::{
     maps::{IPPROTO_TCP, IPPROTO_UDP},
     policy::{
-        DIR_EGRESS, DIR_INGRESS, FlowEvent, IDENTITY_ANY, IDENTITY_UNSELECTED, IPPROTO_ICMP,
-        IPPROTO_SCTP, PolicyCounterKey, SET_NONE, VERDICT_ALLOW, VERDICT_DENY,
+        FlowEvent, IDENTITY_ANY, IDENTITY_UNSELECTED, IPPROTO_ICMP, IPPROTO_SCTP, PolicyCounterKey,
+        SET_NONE, VERDICT_ALLOW, VERDICT_DENY,
     },
     reason::Reason,
 };
 use serde::Serialize;
 use tracing::warn;
 
+pub use crate::policy::compute::{Direction, RuleRef};
 use crate::{
     metrics::{FlowOutcome, Metrics, PolicyVerdictLabel},
     model::ObjectKey,
@@ -147,30 +148,6 @@ fn check(event: &FlowEvent) -> Result<(), DecodeError> {
     Direction::from_raw(event.dir).ok_or(DecodeError::Direction(event.dir))?;
     Verdict::from_raw(event.verdict).ok_or(DecodeError::Verdict(event.verdict))?;
     Ok(())
-}
-
-/// Direction of a policy check, as seen from the local pod ([`DIR_INGRESS`], [`DIR_EGRESS`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
-
-impl Direction {
-    pub const fn from_raw(dir: u8) -> Option<Self> {
-        match dir {
-            DIR_INGRESS => Some(Self::Ingress),
-            DIR_EGRESS => Some(Self::Egress),
-            _ => None,
-        }
-    }
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Ingress => "ingress",
-            Self::Egress => "egress",
-        }
-    }
 }
 
 /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`].
@@ -276,14 +253,6 @@ pub fn rfc3339_nanos(unix_ns: i128) -> String {
 }
 
 // --- names ---
-
-/// A rule that allowed a flow: the `index`th entry of `policy`'s `ingress` or `egress` list.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RuleRef {
-    pub policy: ObjectKey,
-    pub direction: Direction,
-    pub index: usize,
-}
 
 /// What the flow log needs to know of the agent's state to name things. The agent
 /// implements it (or fills a [`NameTables`]) from its index and the computed policy maps,
@@ -645,7 +614,7 @@ impl FlowLog {
                 refs.sort();
                 rules = refs
                     .iter()
-                    .map(|r| RuleJson { policy: r.policy.to_string(), index: r.index })
+                    .map(|r| RuleJson { policy: r.policy.to_string(), index: r.rule as usize })
                     .collect();
                 refs.iter().map(|r| r.policy.to_string()).collect()
             }
@@ -967,8 +936,8 @@ mod tests {
             42,
             vec![RuleRef {
                 policy: ObjectKey::namespaced("default", "allow-web"),
-                direction: Direction::Ingress,
-                index: 1,
+                dir: Direction::Ingress,
+                rule: 1,
             }],
         );
         t.identities.insert(300, "pod default/client".into());

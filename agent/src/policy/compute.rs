@@ -26,11 +26,9 @@
 //!   sorts before it, which takes a 64-bit hash collision modulo 2^31).
 //! * Pods count when they have an IP, are not `hostNetwork` and are not `Succeeded` or
 //!   `Failed`. Two such pods with one IP: the `Running` one wins, then the smaller key.
-//! * A pod whose namespace is not in the input has empty namespace labels: only an empty
-//!   (match-everything) namespace selector selects it, and the own-namespace scope still
-//!   works. The index normally knows every namespace before its pods matter.
-//!   ([`reference`](super::reference) chose otherwise: no `namespaceSelector` matches
-//!   such a pod. The two agree whenever every namespace is known.)
+//! * A pod whose namespace is not in the input (the Namespace not seen yet) matches no
+//!   `namespaceSelector`, not even the empty one; the own-namespace scope still works. As
+//!   [`reference`](super::reference) does: an unknown namespace widens nothing.
 //!
 //! # Ipcache
 //!
@@ -101,6 +99,15 @@ pub enum Direction {
 
 impl Direction {
     pub const ALL: [Direction; 2] = [Self::Ingress, Self::Egress];
+
+    /// The inverse of [`Direction::as_u8`].
+    pub const fn from_raw(dir: u8) -> Option<Self> {
+        match dir {
+            DIR_INGRESS => Some(Self::Ingress),
+            DIR_EGRESS => Some(Self::Egress),
+            _ => None,
+        }
+    }
 
     /// [`DIR_INGRESS`] or [`DIR_EGRESS`], as in map keys and flow events.
     pub const fn as_u8(self) -> u8 {
@@ -445,7 +452,6 @@ impl<'a> World<'a> {
         for ((ns, labels), g) in &groups {
             groups_by_ns.entry(ns).or_default().push((*g, labels));
         }
-        let empty = Labels::new();
         let mut group_peers: Vec<Vec<PeerRef>> = vec![Vec::new(); groups.len()];
         // Many peers repeat a (scope, selector) pair: evaluate each distinct pair once.
         type PairKey<'p> = (Option<&'p str>, Option<&'p super::Selector>, &'p super::Selector);
@@ -461,8 +467,9 @@ impl<'a> World<'a> {
                 for (ns, members) in &groups_by_ns {
                     let in_scope = match scope {
                         super::NamespaceScope::Own(own) => own.as_str() == *ns,
+                        // An unknown namespace matches no selector, not even `{}`.
                         super::NamespaceScope::Matching(sel) => {
-                            sel.matches(input.namespaces.get(*ns).unwrap_or(&empty))
+                            input.namespaces.get(*ns).is_some_and(|labels| sel.matches(labels))
                         }
                     };
                     if in_scope {
@@ -1786,7 +1793,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_namespace_has_empty_labels() {
+    fn an_unknown_namespace_matches_no_namespace_selector() {
         let mut w = TestWorld::new(
             vec![pod("prod", "db", &[("app", "db")], 1, NODE), pod("ghost", "x", &[], 2, NODE)],
             vec![policy(
@@ -1799,7 +1806,7 @@ mod tests {
         );
         w.namespaces.remove("ghost");
         let m = w.compute();
-        assert!(allows(&m, 2, 1, IPPROTO_TCP, 80, IN), "the empty selector matches empty labels");
+        assert!(!allows(&m, 2, 1, IPPROTO_TCP, 80, IN), "not even the empty selector matches");
     }
 
     /// A world of `pods` pods and `policies` policies with a mix of every peer and port kind;
