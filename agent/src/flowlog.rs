@@ -878,6 +878,7 @@ pub fn spawn(
 
 #[cfg(test)]
 mod tests {
+    use nodeplane_common::policy::{DIR_EGRESS, DIR_INGRESS};
     use serde_json::{Value, json};
 
     use super::*;
