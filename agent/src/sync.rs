@@ -585,6 +585,17 @@ pub struct FakeMaps {
     pub capacity: Capacity,
     /// Successful writes so far.
     pub writes: usize,
+    /// The policy maps, so one fake stands for the whole datapath.
+    pub policy: crate::policy::sync::FakePolicyMaps,
+}
+
+impl crate::policy::PolicyWriter for FakeMaps {
+    fn apply_policy(
+        &mut self,
+        op: &crate::policy::PolicyOp,
+    ) -> Result<(), crate::policy::PolicyWriteError> {
+        self.policy.apply_policy(op)
+    }
 }
 
 impl FakeMaps {

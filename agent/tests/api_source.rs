@@ -17,6 +17,7 @@ use nodeplane_agent::{
     desired::NodeContext,
     health::Health,
     metrics::Metrics,
+    policy::{PolicyOp, PolicyWriteError, PolicyWriter},
     source::{
         Batch, Kind,
         kube::{Settings, SourceHealth},
@@ -83,6 +84,12 @@ struct Recorded {
     ops: Vec<Op>,
     /// The first inconsistency seen after a write, if any.
     broken: Option<String>,
+}
+
+impl PolicyWriter for Recorded {
+    fn apply_policy(&mut self, op: &PolicyOp) -> Result<(), PolicyWriteError> {
+        self.maps.apply_policy(op)
+    }
 }
 
 impl MapWriter for Recorded {

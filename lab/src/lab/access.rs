@@ -15,7 +15,8 @@ use crate::{control_plane::ObjectKey, netns, server};
 impl Lab {
     /// Starts a long-running process in the node netns (the agent, typically
     /// `<agent> run --manifests <dir> --iface-prefix lxc`), output to `log_path(log_name)`.
-    /// At teardown it gets SIGTERM, then SIGKILL after a grace period.
+    /// At teardown it gets SIGTERM, then SIGKILL after a grace period. `NODE_NAME` is set to
+    /// the lab node's name.
     pub fn spawn_in_node(
         &self,
         cmd: &[impl AsRef<OsStr>],
@@ -23,7 +24,11 @@ impl Lab {
     ) -> Result<Child, LabError> {
         let (program, args) = cmd.split_first().ok_or(LabError::EmptyCommand)?;
         let what = format!("{} in {}", program.as_ref().to_string_lossy(), self.node_netns());
-        self.spawn_logged(netns::exec_command(&self.node_netns(), program, args), log_name, what)
+        let mut cmd = netns::exec_command(&self.node_netns(), program, args);
+        // What a DaemonSet's downward API gives the agent: the node's name (the lab's pods
+        // are scheduled on it), so it knows which pods are local.
+        cmd.env("NODE_NAME", crate::naming::NODE_NAME);
+        self.spawn_logged(cmd, log_name, what)
     }
 
     pub(super) fn spawn_logged(
