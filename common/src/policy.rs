@@ -171,6 +171,9 @@ const _: () = assert!(core::mem::size_of::<PolicyCtValue>() == 16);
 pub const PCT_F_EGRESS: u8 = 1;
 /// The destination of the original direction is a local pod and its ingress allowed it.
 pub const PCT_F_INGRESS: u8 = 2;
+/// With [`PCT_F_INGRESS`]: the flow came from this node itself (kubelet probes,
+/// host-network pods), which the pod's ingress always allows, whatever the revision.
+pub const PCT_F_HOST: u8 = 4;
 
 /// Key of `FRAGS_V4`: an IPv4 datagram being fragmented, and the direction it was
 /// checked in (so an egress pass never lets a fragment past an ingress check).

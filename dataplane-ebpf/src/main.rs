@@ -18,7 +18,7 @@
 //!
 //! ```text
 //! parse ─┬─ later fragment ─► host-originated? pass : policy: fragment seen? ─► pass | drop
-//!        └─ packet ─► conntrack (REPLY) ─► host-originated? skip : policy (ingress, wire tuple) ─┬─ reply ─► reverse NAT
+//!        └─ packet ─► conntrack (REPLY) ─► host-originated? record : policy (ingress, wire tuple) ─┬─ reply ─► reverse NAT
 //!                                                                                               └─ other ─► pass untouched
 //! ```
 //! `to_pod` reverse-translates replies whose conntrack entry this node created, wherever the
@@ -105,7 +105,10 @@ fn try_to_pod(ctx: &TcContext) -> Result<Reason, Reason> {
     match (from_host, pkt.frag) {
         (true, parse::Frag::Later) => Ok(Reason::PassFragment),
         (false, parse::Frag::Later) => policy::fragment(policy::Hook::ToPod, &pkt, ctx.len()),
-        (true, _) => reverse(ctx, &pkt, lookup_reply(&pkt)),
+        (true, _) => {
+            policy::host(&policy::Flow::of(&pkt, ctx.len()));
+            reverse(ctx, &pkt, lookup_reply(&pkt))
+        }
         (false, _) => judge_then_reverse(ctx, &pkt, policy::Hook::ToPod),
     }
 }

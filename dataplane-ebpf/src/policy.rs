@@ -6,7 +6,7 @@
 //!
 //! | # | case                                                            | verdict |
 //! |---|-----------------------------------------------------------------|---------|
-//! | 1 | `to_pod` and the packet was generated on this node (`ingress_ifindex == 0`: kubelet probes, host-network pods) | allow, nothing recorded |
+//! | 1 | `to_pod` and the packet was generated on this node (`ingress_ifindex == 0`: kubelet probes, host-network pods) | allow, entry recorded with `PCT_F_INGRESS \| PCT_F_HOST` ([`host`]): the pod's replies pass as replies, also after a revision change |
 //! | 2 | `POLICY_CT_V4[fwd]` alive with my role bit, at the current revision | allow (established; no policy lookup) |
 //! | 3 | `POLICY_CT_V4[rev]` alive with the reply role bit, at the current revision | allow (reply) |
 //! | 4 | as 2 or 3 but verified at an older revision                     | the check is made again (my set; for a reply, my *other* set on the original tuple): allow -> entry re-stamped, deny -> role bit cleared, drop |
@@ -41,9 +41,9 @@ use nodeplane_common::{
     maps::{Counter, IPPROTO_TCP, IPPROTO_UDP},
     policy::{
         DIR_EGRESS, DIR_INGRESS, EndpointV4, FlowEvent, FragKeyV4, FragValueV4, IDENTITY_ANY,
-        IDENTITY_UNSELECTED, PCT_F_EGRESS, PCT_F_INGRESS, POLICY_CFG_F_EVENTS, POLICY_CFG_F_LOG_ALLOWED, PolicyConfig,
-        PolicyCounterKey, PolicyCtKey, PolicyCtValue, PolicyKey, SET_NONE, VERDICT_ALLOW,
-        VERDICT_DENY,
+        IDENTITY_UNSELECTED, PCT_F_EGRESS, PCT_F_HOST, PCT_F_INGRESS, POLICY_CFG_F_EVENTS,
+        POLICY_CFG_F_LOG_ALLOWED, PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyCtValue,
+        PolicyKey, SET_NONE, VERDICT_ALLOW, VERDICT_DENY,
     },
     reason::Reason,
 };
@@ -215,18 +215,57 @@ pub fn check(hook: Hook, flow: &Flow, outcome: Reason) -> Result<(), Reason> {
     // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
     let e = unsafe { &mut *entry };
     if e.revision != cfg.revision {
-        let Judged { judgement: j, set } = judge(&check);
-        if !j.allowed {
-            e.flags &= !bit;
-            event(flow, check.dir, VERDICT_DENY, Reason::DropPolicy, set, 0, j.identity);
-            return Err(Reason::DropPolicy);
+        // A flow from this node stays allowed into the pod whatever the policy.
+        let host = if bit == PCT_F_INGRESS { e.flags & PCT_F_HOST } else { 0 };
+        if host == 0 {
+            let Judged { judgement: j, set } = judge(&check);
+            if !j.allowed {
+                e.flags &= !bit;
+                event(flow, check.dir, VERDICT_DENY, Reason::DropPolicy, set, 0, j.identity);
+                return Err(Reason::DropPolicy);
+            }
         }
         e.revision = cfg.revision;
-        e.flags = bit;
+        e.flags = bit | host;
     }
     (e.state, e.expires_ns) = ct::advance(flow.proto, e.state, flow.tcp_flags, now);
     remember_first_fragment(hook, flow);
     Ok(())
+}
+
+/// Row 1: a packet this node generated, delivered to a pod. Always allowed; recorded (with
+/// `PCT_F_HOST`) so that the pod's replies pass its egress policy as replies, and keep
+/// passing after a policy change.
+#[inline(always)]
+pub fn host(flow: &Flow) {
+    let now = ct::now();
+    let cfg = POLICY_CONFIG.get(0).copied().unwrap_or_default();
+    let key = PolicyCtKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let bits = PCT_F_INGRESS | PCT_F_HOST;
+    if let Some(e) = alive(POLICY_CT_V4.get_ptr_mut(key), now) {
+        // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
+        let e = unsafe { &mut *e };
+        if e.revision == cfg.revision {
+            e.flags |= bits;
+        } else {
+            e.flags = bits;
+            e.revision = cfg.revision;
+        }
+        (e.state, e.expires_ns) = ct::advance(flow.proto, e.state, flow.tcp_flags, now);
+        return;
+    }
+    let (state, expires_ns) = ct::advance(flow.proto, TcpState::None as u8, flow.tcp_flags, now);
+    let value =
+        PolicyCtValue { expires_ns, revision: cfg.revision, flags: bits, state, _pad: [0; 2] };
+    // A failed insert (cannot happen with an LRU) only makes the reply a new flow.
+    let _ = POLICY_CT_V4.insert(key, value, 0);
 }
 
 /// The live entry `ptr` points at, if it is alive.

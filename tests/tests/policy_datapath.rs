@@ -20,9 +20,9 @@ use nodeplane_common::{
     },
     policy::{
         DIR_EGRESS, DIR_INGRESS, EndpointV4, FlowEvent, IDENTITY_ANY, IDENTITY_UNSELECTED,
-        IPPROTO_ICMP, IPPROTO_SCTP, PCT_F_EGRESS, PCT_F_INGRESS, POLICY_CFG_F_EVENTS, POLICY_CFG_F_LOG_ALLOWED,
-        PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyKey, PolicyValue, SET_NONE,
-        VERDICT_ALLOW, VERDICT_DENY,
+        IPPROTO_ICMP, IPPROTO_SCTP, PCT_F_EGRESS, PCT_F_HOST, PCT_F_INGRESS, POLICY_CFG_F_EVENTS,
+        POLICY_CFG_F_LOG_ALLOWED, PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyKey,
+        PolicyValue, SET_NONE, VERDICT_ALLOW, VERDICT_DENY,
     },
     reason::Reason,
 };
@@ -109,7 +109,7 @@ fn fixture() -> Datapath {
         &mut dp,
         PolicyOp::PutIpcache { cidr: cidr(Ipv4Addr::UNSPECIFIED, 0), identity: ID_WORLD },
     );
-    config(&mut dp, 1, 0);
+    config(&mut dp, 1, POLICY_CFG_F_EVENTS);
     dp
 }
 
@@ -380,7 +380,7 @@ fn egress_to_a_service_is_judged_on_the_backend_and_target_port() {
         },
     );
     allow(&mut dp, SET_A_OUT, ID_BACKEND, IPPROTO_TCP, 80, PolicyKey::PREFIX_FULL, RULE_2);
-    config(&mut dp, 2, 0);
+    config(&mut dp, 2, POLICY_CFG_F_EVENTS);
     let syn = tcp((A, 40001), (VIP, 80));
     let out = from_pod(&mut dp, &syn, TC_ACT_SHOT, Reason::DropPolicy);
     assert_eq!(out, syn, "a denied packet was rewritten");
@@ -481,7 +481,7 @@ fn a_revision_bump_reverifies_established_flows_and_drops_those_now_denied() {
     to_pod(&mut dp, &ack, TC_ACT_OK, Reason::PassNotService);
 
     // A bump with the policy unchanged: verified again, allowed, re-stamped.
-    config(&mut dp, 2, 0);
+    config(&mut dp, 2, POLICY_CFG_F_EVENTS);
     to_pod(&mut dp, &ack, TC_ACT_OK, Reason::PassNotService);
     let entry = dp.maps().policy_ct.get(&pct_key(a, b, IPPROTO_TCP), 0).expect("entry");
     assert_eq!((entry.revision, entry.flags), (2, PCT_F_INGRESS));
@@ -496,7 +496,7 @@ fn a_revision_bump_reverifies_established_flows_and_drops_those_now_denied() {
     );
     to_pod(&mut dp, &ack, TC_ACT_OK, Reason::PassNotService);
     // ...the revision bump that follows every change does, on the next packet.
-    config(&mut dp, 3, 0);
+    config(&mut dp, 3, POLICY_CFG_F_EVENTS);
     to_pod(&mut dp, &ack, TC_ACT_SHOT, Reason::DropPolicy);
     let entry = dp.maps().policy_ct.get(&pct_key(a, b, IPPROTO_TCP), 0).expect("entry");
     assert_eq!(entry.flags & PCT_F_INGRESS, 0, "the denied check's bit must be cleared");
@@ -517,9 +517,33 @@ fn host_originated_packets_are_always_allowed_into_a_pod() {
     expect_from(&mut dp, names::PROG_TO_POD, &probe, 0, TC_ACT_OK, Reason::PassNotService);
     let (_, later) = fragments((Ipv4Addr::new(10, 0, 0, 1), 50000), (B, 53), 0x4242);
     expect_from(&mut dp, names::PROG_TO_POD, &later, 0, TC_ACT_OK, Reason::PassFragment);
-    // The same packet forwarded from an interface is judged.
-    expect_from(&mut dp, names::PROG_TO_POD, &probe, 3, TC_ACT_SHOT, Reason::DropPolicy);
-    assert_eq!(verdicts(&mut dp, SET_B_IN, VERDICT_DENY, DIR_INGRESS), 2);
+    // The same packet forwarded from an interface is judged (another source port: the
+    // node's own flow is recorded and would vouch for its 5-tuple).
+    let forwarded = tcp((Ipv4Addr::new(10, 0, 0, 1), 50003), (B, 8080));
+    expect_from(&mut dp, names::PROG_TO_POD, &forwarded, 3, TC_ACT_SHOT, Reason::DropPolicy);
+    assert_eq!(verdicts(&mut dp, SET_B_IN, VERDICT_DENY, DIR_INGRESS), 1);
+
+    // Isolated for egress too (nothing allowed out): the pod's replies to the node pass as
+    // replies, also after a policy change, because the node's packet was recorded.
+    endpoint(&mut dp, B, SET_B_IN, SET_B_OUT, ID_B);
+    let node = (Ipv4Addr::new(10, 0, 0, 1), 50001);
+    expect_from(
+        &mut dp,
+        names::PROG_TO_POD,
+        &tcp(node, (B, 8080)),
+        0,
+        TC_ACT_OK,
+        Reason::PassNotService,
+    );
+    let reply = Frame::tcp((B, 8080), node, TCP_ACK).build();
+    from_pod(&mut dp, &reply, TC_ACT_OK, Reason::PassNotService);
+    config(&mut dp, 7, POLICY_CFG_F_EVENTS);
+    from_pod(&mut dp, &reply, TC_ACT_OK, Reason::PassNotService);
+    let flags = dp.maps().policy_ct.get(&pct_key(node, (B, 8080), IPPROTO_TCP), 0);
+    assert_eq!(flags.expect("the node's flow").flags, PCT_F_INGRESS | PCT_F_HOST);
+    // The same packet without the node's first: a new egress flow, denied.
+    let unsolicited = Frame::tcp((B, 8080), (node.0, 50002), TCP_ACK).build();
+    from_pod(&mut dp, &unsolicited, TC_ACT_SHOT, Reason::DropPolicy);
 }
 
 #[test]
@@ -605,10 +629,11 @@ fn flow_events_report_every_deny_and_allowed_new_flows_only_when_asked() {
     allow(&mut dp, SET_B_IN, ID_A, IPPROTO_TCP, 8080, PolicyKey::PREFIX_FULL, RULE_1);
 
     // Events off (nobody reads the ring): the drop is counted, nothing is written or lost.
+    config(&mut dp, 1, 0);
     to_pod(&mut dp, &tcp((PEER, 39999), (B, 8080)), TC_ACT_SHOT, Reason::DropPolicy);
     assert!(drain(&mut ring).is_empty(), "no events without POLICY_CFG_F_EVENTS");
 
-    config(&mut dp, 0, POLICY_CFG_F_EVENTS);
+    config(&mut dp, 1, POLICY_CFG_F_EVENTS);
     to_pod(&mut dp, &tcp((PEER, 40000), (B, 8080)), TC_ACT_SHOT, Reason::DropPolicy);
     to_pod(&mut dp, &tcp((A, 40000), (B, 8080)), TC_ACT_OK, Reason::PassNotService);
     let events = drain(&mut ring);
