@@ -112,6 +112,7 @@ fn set_of(ep: &EndpointV4, dir: u8) -> u32 {
 
 /// The packet as policy judges it: after DNAT (a service flow's backend and target port),
 /// before reverse NAT.
+#[derive(Clone)]
 pub struct Flow {
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
@@ -144,6 +145,20 @@ impl Flow {
             orig_daddr: [0; 4],
             orig_dport: [0; 2],
             len,
+        }
+    }
+
+    /// The same flow seen from the other end (a reply's original direction).
+    #[inline(always)]
+    pub fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            orig_daddr: [0; 4],
+            orig_dport: [0; 2],
+            ..self.clone()
         }
     }
 
@@ -221,7 +236,9 @@ pub fn check(hook: Hook, flow: &Flow, outcome: Reason) -> Result<(), Reason> {
             let Judged { judgement: j, set } = judge(&check);
             if !j.allowed {
                 e.flags &= !bit;
-                event(flow, check.dir, VERDICT_DENY, Reason::DropPolicy, set, 0, j.identity);
+                // The event names the check that failed: for a reply, the original direction.
+                let shown = if bit == hook.my_bit() { flow.clone() } else { flow.reversed() };
+                event(&shown, check.dir, VERDICT_DENY, Reason::DropPolicy, set, 0, j.identity);
                 return Err(Reason::DropPolicy);
             }
         }

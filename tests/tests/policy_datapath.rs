@@ -497,14 +497,21 @@ fn a_revision_bump_reverifies_established_flows_and_drops_those_now_denied() {
     to_pod(&mut dp, &ack, TC_ACT_OK, Reason::PassNotService);
     // ...the revision bump that follows every change does, on the next packet.
     config(&mut dp, 3, POLICY_CFG_F_EVENTS);
-    to_pod(&mut dp, &ack, TC_ACT_SHOT, Reason::DropPolicy);
+    // B's reply is verified against B's ingress (the check its flow passed) and dropped.
+    let reply = Frame::tcp(b, a, TCP_ACK).build();
+    from_pod(&mut dp, &reply, TC_ACT_SHOT, Reason::DropPolicy);
     let entry = dp.maps().policy_ct.get(&pct_key(a, b, IPPROTO_TCP), 0).expect("entry");
     assert_eq!(entry.flags & PCT_F_INGRESS, 0, "the denied check's bit must be cleared");
+    // A's next packet is then a new flow into B: denied too.
+    to_pod(&mut dp, &ack, TC_ACT_SHOT, Reason::DropPolicy);
     to_pod(&mut dp, &ack, TC_ACT_SHOT, Reason::DropPolicy);
 
     let events = drain(&mut ring);
-    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events.len(), 3, "{events:?}");
     assert!(events.iter().all(|e| e.verdict == VERDICT_DENY && e.dir == DIR_INGRESS));
+    // Every event shows the flow the failed check was about, A -> B, also for the reply.
+    assert!(events.iter().all(|e| (e.saddr, e.daddr) == (A.octets(), B.octets())), "{events:?}");
+    assert!(events.iter().all(|e| e.dport == 8080u16.to_be_bytes()), "{events:?}");
     assert_eq!(events[0].peer_identity, ID_A);
 }
 

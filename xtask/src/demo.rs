@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: the lab with the demo manifests and the agent, then traffic to the
-//! `web` ClusterIP from the `client` pod, showing which pod answered each request.
+//! `web` ClusterIP from the `client` pod, showing which pod answered each request; then a
+//! NetworkPolicy that lets the client reach only TCP `http`, and the verdict log's lines.
 use std::{
     collections::BTreeMap,
     ffi::OsString,
@@ -16,6 +17,18 @@ const DEMO: &str = include_str!("../../lab/examples/demo.yaml");
 const REQUESTS: usize = 18;
 const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Lets only `app: client` pods reach the web pods, and only on TCP `http` (8080).
+const POLICY: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-http-from-client, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{protocol: TCP, port: http}]
+";
+
 pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
     step("bringing up the lab: node netns, pod netns with veths, pod servers, manifests");
     let mut cfg = LabConfig::new(bins.lab.clone());
@@ -30,6 +43,8 @@ pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
         HOST_VETH_PREFIX.into(),
         "--counters-interval".into(),
         "1s".into(),
+        "--flow-log".into(),
+        lab.log_path("flows").into(),
     ];
     let mut agent = lab.spawn_in_node(&agent, "agent").context("starting the agent")?;
     let vip = lab.service_ip("demo", "web").context("web has no ClusterIP")?;
@@ -71,7 +86,31 @@ pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
         println!("    balanced across {} pods ({})", tally.len(), summary.join(", "));
     }
 
+    step("NetworkPolicy: the web pods accept only TCP http from app=client");
+    for line in POLICY.lines() {
+        println!("    {line}");
+    }
+    lab.apply(&[("web-http-from-client.yaml", POLICY)]).context("applying the policy")?;
+    let start = Instant::now();
+    while lab.udp_ask("demo", "client", dns, Duration::from_millis(300)).is_ok() {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("UDP to {dns} still answered 30 s after the policy was applied");
+        }
+    }
+    println!("    programmed after {:?}", start.elapsed());
+    let who = lab.tcp_ask("demo", "client", http, TIMEOUT).context("TCP http after the policy")?;
+    println!("    TCP {http}: answered by {who} (allowed: port http from app=client)");
+    match lab.udp_ask("demo", "client", dns, Duration::from_millis(500)) {
+        Ok(who) => bail!("UDP {dns} was answered by {who}; the policy should deny it"),
+        Err(_) => println!("    UDP {dns}: no answer (denied: the policy allows no UDP)"),
+    }
     std::thread::sleep(Duration::from_millis(1200));
+    let flows = std::fs::read_to_string(lab.log_path("flows")).unwrap_or_default();
+    println!("    verdict log ({}), last lines:", lab.log_path("flows").display());
+    for line in flows.lines().rev().take(2).collect::<Vec<_>>().into_iter().rev() {
+        println!("    {line}");
+    }
+
     step("the agent's log (datapath counters are logged every second)");
     let log = std::fs::read_to_string(lab.log_path("agent")).unwrap_or_default();
     for line in log.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev() {
