@@ -39,7 +39,7 @@
 //! | `direction` | not overflow | `ingress` (checked at the destination pod) or `egress` (at the source pod) |
 //! | `protocol` | not overflow | `TCP`, `UDP`, `SCTP`, `ICMP`, or the IP protocol number |
 //! | `src`, `dst` | not overflow | `{"ip", "port", "pod", "identity", "identity_name"}`: `port` only for TCP/UDP/SCTP (and not for an aggregate's source, which groups many ports); `pod` (`namespace/name`) when the address is a known pod; `identity` (and `identity_name` when known) on the peer side only: the source for ingress, the destination for egress |
-//! | `service` | flows to a Service | `{"ip", "port"}`: the ClusterIP and port the client sent to; `dst` is then the chosen backend |
+//! | `service` | egress lines of flows to a Service | `{"ip", "port"}`: the ClusterIP and port the client sent to; `dst` is then the chosen backend. The client's node judges egress as it translates, so it knows the ClusterIP; the backend's ingress line shows the packet as it arrives (the backend), without `service` |
 //! | `policies` | not overflow | deny: the policies that isolate the pod in this direction; allow: the policies whose rules allowed it (empty for a pod that is not isolated) |
 //! | `rules` | allow by a rule | `[{"policy", "index"}]`: the rules (index into the policy's `ingress`/`egress` list) that allowed the flow |
 //! | `reason` | always | the datapath's outcome (`policy-denied`, ...: `common/src/reason.rs`); `rate-limited` for an overflow line |
@@ -639,12 +639,14 @@ impl FlowLog {
     }
 }
 
+/// Reserved identities have fixed names: `unselected` stands for every address no peer of
+/// any policy matches, so an example pod of it would mislead.
 fn identity_name(resolver: &dyn Resolver, id: u32) -> Option<String> {
-    resolver.identity(id).or_else(|| match id {
+    match id {
         IDENTITY_ANY => Some("any".into()),
         IDENTITY_UNSELECTED => Some("unselected".into()),
-        _ => None,
-    })
+        _ => resolver.identity(id),
+    }
 }
 
 fn protocol_name(proto: u8) -> std::borrow::Cow<'static, str> {
