@@ -7,6 +7,7 @@ pub mod bench_agent;
 pub mod bench_api;
 pub mod netpol;
 pub mod packet;
+pub mod policy_gen;
 pub mod run;
 
 /// A binary `cargo xtask test` built and named in `var` (`NODEPLANE_AGENT_BIN`,

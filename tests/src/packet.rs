@@ -1,16 +1,20 @@
-//! Crafted Ethernet/IPv4/TCP/UDP frames with correct checksums, and a view that reads a
-//! frame back and verifies its checksums from scratch.
+//! Crafted Ethernet/IPv4/TCP/UDP frames (and SCTP, ICMP echo requests) with correct
+//! checksums, and a view that reads a TCP/UDP frame back and verifies its checksums from
+//! scratch.
 use std::net::Ipv4Addr;
 
 use nodeplane_common::{
     csum,
     maps::{IPPROTO_TCP, IPPROTO_UDP},
+    policy::{IPPROTO_ICMP, IPPROTO_SCTP},
 };
 
 pub const ETH_HLEN: usize = 14;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 pub const TCP_FIN: u8 = 0x01;
+/// ICMP type of an echo request.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 
 /// A frame to build. Defaults: TCP SYN, no IP options, not fragmented, 4 payload bytes.
 #[derive(Clone, Debug)]
@@ -49,6 +53,30 @@ impl Frame {
     /// An IPv4 packet of another protocol (e.g. ICMP = 1) with `payload` as its body.
     pub fn other(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
         Self { proto, ..Self::tcp((src, 0), (dst, 0), 0) }
+    }
+
+    /// An SCTP packet: the 12-byte common header (ports, verification tag `0xdeadbeef`,
+    /// checksum 0) and no chunks. The datapath reads only the ports; BPF_PROG_TEST_RUN
+    /// needs no valid CRC32c.
+    pub fn sctp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
+        let mut header = Vec::with_capacity(12);
+        header.extend_from_slice(&src.1.to_be_bytes());
+        header.extend_from_slice(&dst.1.to_be_bytes());
+        header.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]);
+        Self { payload: header, ..Self::other(src.0, dst.0, IPPROTO_SCTP) }
+    }
+
+    /// An ICMP echo request (type 8, code 0) with identifier `id`, sequence number `seq`
+    /// and a correct ICMP checksum.
+    pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16) -> Self {
+        let mut msg = vec![ICMP_ECHO_REQUEST, 0, 0, 0];
+        msg.extend_from_slice(&id.to_be_bytes());
+        msg.extend_from_slice(&seq.to_be_bytes());
+        msg.extend_from_slice(b"ping");
+        // The Internet checksum of the message alone (no pseudo-header), as for IPv4 headers.
+        let c = csum::ipv4_header(&msg);
+        msg[2..4].copy_from_slice(&c.to_be_bytes());
+        Self { payload: msg, ..Self::other(src, dst, IPPROTO_ICMP) }
     }
 
     pub fn build(&self) -> Vec<u8> {
