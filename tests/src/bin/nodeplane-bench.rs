@@ -1,10 +1,12 @@
 //! `cargo xtask bench`: per-packet cost of `from_pod` (BPF_PROG_TEST_RUN), the agent's
-//! programming time, and the Kubernetes API source at scale (start to first sync, memory,
-//! network programming latency). Prints tables; docs/BENCHMARKS.md records the numbers and the
-//! method.
+//! programming time, NetworkPolicy at scale (per-packet cost through policy, map
+//! programming, recompute after a relabel), and the Kubernetes API source at scale (start
+//! to first sync, memory, network programming latency). Prints tables; docs/BENCHMARKS.md
+//! records the numbers and the method.
 //!
-//! `nodeplane-bench [SECTION]...` runs only the sections named (`datapath`, `agent`, `api`, or
-//! one part of it: `api-start`, `api-memory`, `api-latency`); no argument runs them all.
+//! `nodeplane-bench [SECTION]...` runs only the sections named (`datapath`, `agent`,
+//! `policy`, `api`, or one part of it: `api-start`, `api-memory`, `api-latency`); no
+//! argument runs them all.
 //!
 //! Method for the packet path: every sample is one `BPF_PROG_TEST_RUN` with `repeat = 1`
 //! (with `repeat > 1` the kernel would rerun the program on the frame it already rewrote, so
@@ -118,9 +120,10 @@ fn measure_round(c: &mut Config, out: &mut [u8]) {
 }
 
 /// The sections, in the order they run: name and what it measures.
-const SECTIONS: [(&str, &str); 6] = [
+const SECTIONS: [(&str, &str); 7] = [
     ("datapath", "per-packet cost of from_pod (BPF_PROG_TEST_RUN)"),
     ("agent", "programming 10,000 services into empty maps"),
+    ("policy", "NetworkPolicy: 10,000 pods with 1 and 1,000 policies, per packet and relabel"),
     ("api", "the Kubernetes API source: api-start, api-memory and api-latency"),
     ("api-start", "source start to first full sync, with and without 50,000 Pods"),
     ("api-memory", "the agent binary's resident memory, with and without 50,000 Pods"),
@@ -151,6 +154,9 @@ fn main() {
     }
     if wanted("agent") {
         nodeplane_tests::bench_agent::run();
+    }
+    if wanted("policy") {
+        nodeplane_tests::bench_policy::run();
     }
     let parts = Parts {
         start: wanted("api") || wanted("api-start"),
