@@ -21,7 +21,8 @@ use crate::{
     flowlog::{self, NameTables, SharedResolver},
     health::Health,
     index::Index,
-    metrics::{self, FlowOutcome, Metrics, PolicyMapSizes},
+    metrics::{self, FlowOutcome, LogLevel, Metrics, PolicyMapSizes},
+    occupancy::{self, Alarms, Crossing, MapUsage},
     policy::{
         PolicyWriteError, PolicyWriter,
         compute::{self, PolicyMaps},
@@ -77,6 +78,9 @@ pub struct Agent {
     policy_full: bool,
     /// Names for the flow log, replaced after every policy sync.
     resolver: SharedResolver,
+    /// Entries of the maps the agent writes, by `map` label, as of the last successful
+    /// sync of each (the syncers know them; the maps are not walked).
+    written: BTreeMap<&'static str, u64>,
 }
 
 impl Agent {
@@ -95,6 +99,7 @@ impl Agent {
             policy: PolicySyncer::new(),
             policy_full: true,
             resolver: SharedResolver::new(NameTables::default()),
+            written: BTreeMap::new(),
         }
     }
 
@@ -111,6 +116,11 @@ impl Agent {
 
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// Entries of the maps the agent writes, by `map` label ([`occupancy::MAPS`]).
+    pub fn written_map_entries(&self) -> &BTreeMap<&'static str, u64> {
+        &self.written
     }
 
     /// Feeds a batch into the index. Returns whether a sync is due: something changed, or a
@@ -230,6 +240,11 @@ impl Agent {
         }
         m.frontends.set(stats.services as i64);
         m.backends.set(stats.backends as i64);
+        let sizes = occupancy::service_map_sizes(&self.desired, stats.skipped, stats.backends);
+        m.observe_service_maps(&sizes);
+        self.written.insert(occupancy::SERVICES, sizes.services);
+        self.written.insert(occupancy::BACKEND_SLOTS, sizes.slots);
+        self.written.insert(occupancy::BACKENDS, sizes.backends);
         for kind in Kind::ALL {
             let label = metrics::KindLabel { kind: kind.as_str().to_string() };
             m.objects.get_or_create(&label).set(self.index.len(kind) as i64);
@@ -268,6 +283,9 @@ impl Agent {
             endpoints: stats.endpoints,
             policy: stats.rules,
         });
+        self.written.insert(occupancy::IPCACHE, stats.ipcache as u64);
+        self.written.insert(occupancy::ENDPOINTS, stats.endpoints as u64);
+        self.written.insert(occupancy::POLICY, stats.rules as u64);
         self.resolver.set(name_tables(&self.index, &computed));
         Ok(stats.ops)
     }
@@ -293,12 +311,22 @@ fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Optio
     Some(SystemTime::UNIX_EPOCH + since_epoch)
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the agent until SIGINT or SIGTERM. `log` is the log filter `/loglevel` and
+/// SIGUSR1 change.
+pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
     let mut datapath = Datapath::load().context("loading the datapath")?;
     info!("datapath loaded");
     let health = Arc::new(Health::new(config.healthz_timeout));
     let metrics = Arc::new(Metrics::new());
+    let capacities: BTreeMap<&'static str, u64> = (datapath.maps().capacities())
+        .context("reading the maps' sizes")?
+        .into_iter()
+        .filter_map(|(name, n)| Some((occupancy::label_of(name)?, u64::from(n))))
+        .collect();
+    for (map, capacity) in &capacities {
+        metrics.observe_capacity(map, *capacity);
+    }
+    let census_maps = Arc::new(datapath.maps().census_handles().context("the conntrack maps")?);
     let source_health = SourceHealth::default();
     if let Some(cidr) = config.cluster_cidr {
         info!(cluster_cidr = %cidr, "cluster CIDR");
@@ -309,7 +337,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let Some(addr) = config.metrics_bind_address {
         let listener = bind(addr, "metrics").await?;
-        tokio::spawn(log_exit("metrics server", metrics::serve_metrics(listener, metrics.clone())));
+        let server = metrics::serve_metrics(listener, metrics.clone(), Some(log.clone()));
+        tokio::spawn(log_exit("metrics server", server));
     }
 
     let (tx, mut rx) = mpsc::channel::<Batch>(1024);
@@ -349,6 +378,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let counters_interval = config.counters_interval.max(Duration::from_secs(1));
     let mut counters = tokio::time::interval(counters_interval);
     let mut last_counters = BTreeMap::new();
+    let mut occupancy_ticks =
+        tokio::time::interval(config.occupancy_interval.max(Duration::from_secs(1)));
+    occupancy_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut census: Option<tokio::task::JoinHandle<_>> = None;
+    let mut census_failed = false;
+    let mut alarms = Alarms::default();
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("installing a SIGUSR1 handler")?;
     let mut shutdown = std::pin::pin!(shutdown_signal());
     let mut stale_logged: BTreeMap<Kind, u64> = BTreeMap::new();
     loop {
@@ -396,6 +433,46 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = counters.tick(), if !config.counters_interval.is_zero() => {
                 log_counters(&datapath, &mut last_counters);
             }
+            // Counting the conntrack maps takes up to ~0.2 s: on a blocking thread, one at a
+            // time (a tick while one runs is skipped).
+            _ = occupancy_ticks.tick(), if !config.occupancy_interval.is_zero() && census.is_none() => {
+                let maps = census_maps.clone();
+                census = Some(tokio::task::spawn_blocking(move || occupancy::take_census(&maps)));
+            }
+            done = async { census.as_mut().expect("guarded by is_some").await }, if census.is_some() => {
+                census = None;
+                match done {
+                    Ok(Ok(c)) => {
+                        census_failed = false;
+                        metrics.census_duration.observe(c.elapsed.as_secs_f64());
+                        metrics.observe_conntrack("service", &c.service_ct);
+                        metrics.observe_conntrack("policy", &c.policy_ct);
+                        let mut usage: Vec<MapUsage> = c.usage().into();
+                        usage.extend(agent.written_map_entries().iter().map(|(map, n)| MapUsage {
+                            map,
+                            entries: *n,
+                            live: None,
+                            capacity: capacities.get(map).copied().unwrap_or_default(),
+                        }));
+                        for u in &usage {
+                            metrics.observe_usage(u);
+                        }
+                        for crossing in alarms.check(&usage) {
+                            log_crossing(crossing, &events);
+                        }
+                    }
+                    Ok(Err(e)) if !census_failed => {
+                        census_failed = true;
+                        warn!(error = %e, "counting map entries failed; retrying every interval");
+                    }
+                    Ok(Err(_)) => {}
+                    Err(e) => warn!(error = %e, "the map census task failed"),
+                }
+            }
+            _ = usr1.recv() => match log.toggle_debug() {
+                Ok(filter) => info!(%filter, "SIGUSR1: log level changed"),
+                Err(e) => warn!(error = %e, "SIGUSR1: changing the log level"),
+            },
             _ = &mut shutdown => {
                 info!("shutting down; programs are detached when the agent exits");
                 return Ok(());
@@ -427,6 +504,38 @@ fn sync(agent: &mut Agent, datapath: &mut Datapath, events: &NodeEvents) -> bool
             events.warning("SyncFailed", format!("Datapath sync failed: {e}"));
             false
         }
+    }
+}
+
+/// A map crossed 90% (or fell back below 85%): a warning and a Node event, once per crossing.
+fn log_crossing(crossing: Crossing, events: &NodeEvents) {
+    match crossing {
+        Crossing::Above(u) => {
+            let percent = u.live.unwrap_or(u.entries) * 100 / u.capacity.max(1);
+            warn!(
+                map = u.map,
+                entries = u.entries,
+                live = u.live,
+                capacity = u.capacity,
+                percent,
+                "map above {}% of its capacity",
+                Alarms::HIGH_PERCENT
+            );
+            events.warning(
+                "MapNearlyFull",
+                format!(
+                    "Datapath map {} is {percent}% full ({} entries of {})",
+                    u.map, u.entries, u.capacity
+                ),
+            );
+        }
+        Crossing::Below(u) => info!(
+            map = u.map,
+            entries = u.entries,
+            capacity = u.capacity,
+            "map back below {}% of its capacity",
+            Alarms::LOW_PERCENT
+        ),
     }
 }
 

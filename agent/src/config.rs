@@ -89,6 +89,13 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub counters_interval: Duration,
 
+    /// How often to count the entries of the conntrack maps and check every map's occupancy
+    /// (warning above 90%); 0s: never. Counting a full conntrack map takes ~0.2 s, off the
+    /// main loop.
+    #[arg(long, env = "NODEPLANE_OCCUPANCY_INTERVAL", default_value = "10s",
+          value_parser = parse_duration, value_name = "DURATION")]
+    pub occupancy_interval: Duration,
+
     /// Log NetworkPolicy verdicts as JSON lines (one object per denied packet, and per
     /// allowed new flow with --flow-log-allowed) to this file (appended to, created 0640) or
     /// to stdout with `-`. Default: off. The line format is in docs/METRICS.md.
@@ -159,6 +166,7 @@ struct FileConfig {
     poll_interval: Option<String>,
     iface_interval: Option<String>,
     counters_interval: Option<String>,
+    occupancy_interval: Option<String>,
     flow_log: Option<String>,
     flow_log_allowed: Option<bool>,
     flow_log_rate: Option<u32>,
@@ -188,6 +196,8 @@ pub struct Config {
     pub iface_prefixes: Vec<String>,
     pub iface_interval: Duration,
     pub counters_interval: Duration,
+    /// 0: no map census.
+    pub occupancy_interval: Duration,
     /// `None`: no flow log (`--flow-log` not given or empty).
     pub flow_log: Option<FlowLogConfig>,
 }
@@ -260,6 +270,7 @@ impl Config {
         from_file!(poll_interval, "pollInterval", |v| parse_duration(&v));
         from_file!(iface_interval, "ifaceInterval", |v| parse_duration(&v));
         from_file!(counters_interval, "countersInterval", |v| parse_duration(&v));
+        from_file!(occupancy_interval, "occupancyInterval", |v| parse_duration(&v));
         from_file!(flow_log, "flowLog", |v| Ok(Some(v)));
         from_file!(flow_log_allowed, "flowLogAllowed", |v| Ok(v));
         from_file!(flow_log_rate, "flowLogRate", |v| Ok(v));
@@ -307,6 +318,7 @@ impl Config {
             iface_prefixes,
             iface_interval: args.iface_interval,
             counters_interval: args.counters_interval,
+            occupancy_interval: args.occupancy_interval,
             flow_log,
         })
     }
@@ -474,6 +486,22 @@ mod tests {
         assert_eq!(c.flow_log.unwrap().burst, 6);
         // The file can turn it off again with an empty value.
         assert_eq!(resolve(&["--node-name=n"], "flowLog: \"\"\n").unwrap().flow_log, None);
+    }
+
+    #[test]
+    fn occupancy_interval_from_flag_env_file_and_default() {
+        let c = resolve(&["--node-name=n"], "").unwrap();
+        assert_eq!(c.occupancy_interval, Duration::from_secs(10));
+        let c = resolve(&["--node-name=n"], "occupancyInterval: 30s\n").unwrap();
+        assert_eq!(c.occupancy_interval, Duration::from_secs(30));
+        let c = resolve(&["--node-name=n", "--occupancy-interval=0s"], "occupancyInterval: 30s\n")
+            .unwrap();
+        assert_eq!(c.occupancy_interval, Duration::ZERO, "0 turns it off; the flag wins");
+        assert!(resolve(&["--node-name=n", "--occupancy-interval=often"], "").is_err());
+        let e = resolve(&["--node-name=n"], "occupancyInterval: 5h\n").unwrap_err();
+        assert!(format!("{e:#}").contains("occupancyInterval"), "{e:#}");
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("[env: NODEPLANE_OCCUPANCY_INTERVAL"), "{help}");
     }
 
     #[test]

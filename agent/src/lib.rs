@@ -25,6 +25,7 @@ pub mod health;
 pub mod index;
 pub mod metrics;
 pub mod model;
+pub mod occupancy;
 pub mod policy;
 pub mod source;
 pub mod sync;

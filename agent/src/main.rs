@@ -1,6 +1,9 @@
 //! `nodeplane-agent`: the per-node daemon.
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
-use nodeplane_agent::config::{Config, RunArgs};
+use nodeplane_agent::{
+    config::{Config, RunArgs},
+    metrics::LogLevel,
+};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF Kubernetes service dataplane: the node agent")]
@@ -8,6 +11,12 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "NODEPLANE_LOG_FORMAT", global = true)]
     log_format: LogFormat,
+    /// Log filter: a level (`info`, `debug`, ...) or tracing directives
+    /// (`nodeplane_agent=debug,info`). Default: RUST_LOG (tracing's EnvFilter syntax), else
+    /// `info`. Changeable while the
+    /// agent runs: `PUT /loglevel` on the metrics address, or SIGUSR1 to toggle `debug`.
+    #[arg(long, env = "NODEPLANE_LOG_LEVEL", global = true, value_name = "FILTER")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,26 +41,47 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    init_tracing(cli.log_format);
+    let log = init_tracing(cli.log_format, cli.log_level.as_deref())?;
     match cli.command {
         Command::Run(args) => {
             let run_matches = matches.subcommand_matches("run").expect("the run subcommand");
             let config = Config::resolve(args, run_matches)?;
             tracing::debug!(?config, "configuration");
-            nodeplane_agent::agent::run(config).await
+            nodeplane_agent::agent::run(config, log).await
         }
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Installs the subscriber with its filter behind a reload layer, and returns the handle
+/// on that filter. `level`: the flag's value; else RUST_LOG; else `info`.
+fn init_tracing(format: LogFormat, level: Option<&str>) -> anyhow::Result<LogLevel> {
+    use tracing_subscriber::{
+        EnvFilter, Layer as _, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
+    };
+    let (directives, filter) = match level {
+        Some(level) => {
+            let filter = LogLevel::parse(level)
+                .map_err(|e| anyhow::anyhow!("--log-level {level:?}: {e}"))?;
+            (level.trim().to_string(), filter)
+        }
+        // RUST_LOG as before: EnvFilter's own syntax, `info` when unset or invalid.
+        None => match EnvFilter::try_from_default_env() {
+            Ok(filter) => (filter.to_string(), filter),
+            Err(_) => ("info".to_string(), EnvFilter::new("info")),
+        },
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    // try_init, not set_global_default: it also forwards the `log` crate's records.
+    tracing_subscriber::registry().with(filter).with(fmt).try_init()?;
+    let log = LogLevel::new(&directives, move |filter: EnvFilter| {
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
+    Ok(log)
 }

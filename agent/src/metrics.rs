@@ -2,7 +2,8 @@
 //!
 //! Names follow Prometheus conventions (base units, `_seconds`, `_total`); every metric is
 //! listed in docs/METRICS.md. They cover the control plane (how fresh the sources are, how
-//! fast changes reach the maps, what was skipped) and the datapath's per-reason counters.
+//! fast changes reach the maps, what was skipped), the datapath's per-reason counters and
+//! how full its maps are. The metrics server also carries `/loglevel` ([`LogLevel`]).
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
@@ -11,7 +12,7 @@ use std::{
 
 use axum::{
     Router,
-    extract::State,
+    extract::{ConnectInfo, State},
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
@@ -31,7 +32,11 @@ use tokio::net::TcpListener;
 
 use nodeplane_common::reason::Reason;
 
-use crate::{health::Health, source::Kind, source::kube::SourceHealth};
+use crate::{
+    health::Health,
+    occupancy::{CtCounts, MapUsage},
+    source::{Kind, kube::SourceHealth},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -112,6 +117,14 @@ pub struct PolicyMapSizes {
     pub policy: usize,
 }
 
+/// A conntrack table (`service`: `CT_V4`, `policy`: `POLICY_CT_V4`), protocol and state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConntrackLabel {
+    pub table: String,
+    pub protocol: String,
+    pub state: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
     pub version: String,
@@ -139,6 +152,10 @@ pub struct Metrics {
     pub flow_events: Family<OutcomeLabel, Counter>,
     pub policy_identities: Gauge,
     pub policy_entries: Family<MapLabel, Gauge>,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
+    pub conntrack_entries: Family<ConntrackLabel, Gauge>,
+    pub census_duration: Histogram,
     /// Last seen totals of the source's counters, to add only the difference.
     seen: Mutex<BTreeMap<Kind, (u64, u64)>>,
     /// Last seen datapath totals per reason (packets, bytes).
@@ -178,6 +195,11 @@ impl Metrics {
             flow_events: Family::default(),
             policy_identities: Gauge::default(),
             policy_entries: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            conntrack_entries: Family::default(),
+            // 100 us .. ~3 s.
+            census_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
             seen: Mutex::default(),
             seen_datapath: Mutex::default(),
             seen_verdicts: Mutex::default(),
@@ -271,7 +293,53 @@ impl Metrics {
             "Entries in the policy maps, by map (ipcache, endpoints, policy)",
             m.policy_entries.clone(),
         );
+        registry.register(
+            "map_entries",
+            "Entries in a datapath map (services, backend_slots, backends, conntrack, \
+             policy_conntrack, frags, ipcache, endpoints, policy), expired conntrack entries included",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "map_capacity",
+            "Maximum entries of a datapath map, as the kernel created it",
+            m.map_capacity.clone(),
+        );
+        registry.register(
+            "conntrack_entries",
+            "Conntrack entries by table (service: CT_V4, policy: POLICY_CT_V4), protocol \
+             (tcp, udp, other) and state (live, expired: past their deadline, not yet evicted)",
+            m.conntrack_entries.clone(),
+        );
+        registry.register(
+            "map_census_duration_seconds",
+            "Time to count the entries of the maps the datapath fills (conntrack, frags)",
+            m.census_duration.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Sets `nodeplane_map_capacity{map}`.
+    pub fn observe_capacity(&self, map: &str, capacity: u64) {
+        self.map_capacity.get_or_create(&MapLabel { map: map.into() }).set(capacity as i64);
+    }
+
+    /// Sets `nodeplane_map_entries{map}` (and the capacity, which is known with it).
+    pub fn observe_usage(&self, usage: &MapUsage) {
+        let label = MapLabel { map: usage.map.into() };
+        self.map_entries.get_or_create(&label).set(usage.entries as i64);
+        self.map_capacity.get_or_create(&label).set(usage.capacity as i64);
+    }
+
+    /// Sets `nodeplane_conntrack_entries{table,...}` from a census of one table.
+    pub fn observe_conntrack(&self, table: &str, counts: &CtCounts) {
+        for (protocol, state, n) in counts.iter() {
+            let label = ConntrackLabel {
+                table: table.into(),
+                protocol: protocol.into(),
+                state: state.into(),
+            };
+            self.conntrack_entries.get_or_create(&label).set(n as i64);
+        }
     }
 
     /// Adds the policy verdicts counted since the last call. `totals` are cumulative
@@ -301,13 +369,26 @@ impl Metrics {
         *before = total;
     }
 
-    /// Sets the policy map gauges after a policy sync.
+    /// Sets the policy map gauges after a policy sync (`nodeplane_map_entries` too).
     pub fn observe_policy_maps(&self, sizes: &PolicyMapSizes) {
+        use crate::occupancy::{ENDPOINTS, IPCACHE, POLICY};
         self.policy_identities.set(sizes.identities as i64);
         for (map, n) in
-            [("ipcache", sizes.ipcache), ("endpoints", sizes.endpoints), ("policy", sizes.policy)]
+            [(IPCACHE, sizes.ipcache), (ENDPOINTS, sizes.endpoints), (POLICY, sizes.policy)]
         {
-            self.policy_entries.get_or_create(&MapLabel { map: map.into() }).set(n as i64);
+            let label = MapLabel { map: map.into() };
+            self.policy_entries.get_or_create(&label).set(n as i64);
+            self.map_entries.get_or_create(&label).set(n as i64);
+        }
+    }
+
+    /// Sets `nodeplane_map_entries` of the service maps after a service sync.
+    pub fn observe_service_maps(&self, sizes: &crate::occupancy::ServiceMapSizes) {
+        use crate::occupancy::{BACKEND_SLOTS, BACKENDS, SERVICES};
+        for (map, n) in
+            [(SERVICES, sizes.services), (BACKEND_SLOTS, sizes.slots), (BACKENDS, sizes.backends)]
+        {
+            self.map_entries.get_or_create(&MapLabel { map: map.into() }).set(n as i64);
         }
     }
 
@@ -351,8 +432,125 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `listener` until the process ends.
-pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+/// The agent's log filter, changeable at runtime (`GET`/`PUT /loglevel`, SIGUSR1).
+///
+/// Holds the directives as given and a function that installs a new filter (in the binary,
+/// a `tracing_subscriber::reload` handle), so the HTTP side is tested without a subscriber.
+#[derive(Clone)]
+pub struct LogLevel {
+    inner: Arc<LogLevelInner>,
+}
+
+struct LogLevelInner {
+    current: Mutex<String>,
+    /// The filter before SIGUSR1 switched to `debug`, while it is on.
+    before_debug: Mutex<Option<String>>,
+    install: Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogLevel").field("current", &self.get()).finish()
+    }
+}
+
+impl LogLevel {
+    /// `current`: the directives installed at start; `install` replaces the filter.
+    pub fn new(
+        current: &str,
+        install: impl Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner: Arc::new(LogLevelInner {
+                current: Mutex::new(current.trim().to_string()),
+                before_debug: Mutex::new(None),
+                install: Box::new(install),
+            }),
+        }
+    }
+
+    /// One that changes nothing but its own record (tests, embedding without a subscriber).
+    pub fn detached(current: &str) -> Self {
+        Self::new(current, |_| Ok(()))
+    }
+
+    /// A level or `EnvFilter` directives; an empty string is an error (not "log nothing").
+    pub fn parse(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+        let directives = directives.trim();
+        if directives.is_empty() {
+            return Err("empty filter: give a level (info, debug, ...) or directives".into());
+        }
+        // EnvFilter reads a bare word as a target to trace: `degub` would silence everything
+        // but a target of that name. Here a bare word must be a level.
+        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+        for d in directives.split(',').map(str::trim) {
+            if !d.contains(['=', '[']) && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)) {
+                return Err(format!(
+                    "{d:?} is not a level (off, error, warn, info, debug, trace); for a \
+                     target write {d}=LEVEL"
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::builder()
+            .with_regex(false)
+            .parse(directives)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The directives in force.
+    pub fn get(&self) -> String {
+        self.inner.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Installs `directives`; returns them as the filter reads them back.
+    pub fn set(&self, directives: &str) -> Result<String, String> {
+        let filter = Self::parse(directives)?;
+        let shown = filter.to_string();
+        let mut current = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
+        (self.inner.install)(filter)?;
+        *current = shown.clone();
+        *self.inner.before_debug.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(shown)
+    }
+
+    /// SIGUSR1: `debug` if it is off, else back to the filter before it. Returns the new one.
+    pub fn toggle_debug(&self) -> Result<String, String> {
+        let before = self.inner.before_debug.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match before {
+            Some(before) => self.set(&before),
+            None => {
+                let previous = self.get();
+                let now = self.set("debug")?;
+                *self.inner.before_debug.lock().unwrap_or_else(|e| e.into_inner()) = Some(previous);
+                Ok(now)
+            }
+        }
+    }
+
+    /// `PUT /loglevel` with `body`: 200 and the new filter, 400 and why not. Only from
+    /// the node itself (`peer` on loopback): the metrics address may be opened for scraping,
+    /// changing the log level must stay local.
+    pub fn put(&self, peer: std::net::IpAddr, body: &str) -> (StatusCode, String) {
+        if !peer.is_loopback() {
+            return (
+                StatusCode::FORBIDDEN,
+                "the log level can only be changed from the node\n".into(),
+            );
+        }
+        match self.set(body) {
+            Ok(filter) => {
+                tracing::info!(%filter, "log level changed");
+                (StatusCode::OK, filter + "\n")
+            }
+            Err(e) => {
+                (StatusCode::BAD_REQUEST, format!("invalid log filter {:?}: {e}\n", body.trim()))
+            }
+        }
+    }
+}
+
+/// `/metrics`, and `/loglevel` when `log` is given.
+pub fn metrics_router(metrics: Arc<Metrics>, log: Option<LogLevel>) -> Router {
     let app = Router::new()
         .route(
             "/metrics",
@@ -367,7 +565,28 @@ pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) -> std:
             }),
         )
         .with_state(metrics);
-    axum::serve(listener, app).await
+    let Some(log) = log else { return app };
+    let log_routes = Router::new()
+        .route(
+            "/loglevel",
+            get(|State(l): State<LogLevel>| async move { l.get() + "\n" }).put(
+                |State(l): State<LogLevel>,
+                 ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+                 body: String| async move { l.put(peer.ip(), &body) },
+            ),
+        )
+        .with_state(log);
+    app.merge(log_routes)
+}
+
+/// Serves [`metrics_router`] on `listener` until the process ends.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    log: Option<LogLevel>,
+) -> std::io::Result<()> {
+    let app = metrics_router(metrics, log);
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
 }
 
 /// Serves `/healthz` and `/readyz` on `listener` until the process ends.
@@ -388,6 +607,8 @@ pub async fn serve_health(listener: TcpListener, health: Arc<Health>) -> std::io
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -471,5 +692,213 @@ mod tests {
         // A reloaded datapath starts from zero: its counts are added.
         m.observe_flow_events(FlowOutcome::Lost, 1);
         assert!(m.encode().contains("nodeplane_flow_events_total{outcome=\"lost\"} 3"));
+    }
+
+    #[test]
+    fn occupancy_metrics_have_map_and_conntrack_labels() {
+        use crate::occupancy::{CONNTRACK, CtCounts, MapUsage, ServiceMapSizes};
+        let m = Metrics::new();
+        m.observe_capacity("services", 65_536);
+        m.observe_service_maps(&ServiceMapSizes { services: 3, slots: 4, backends: 2 });
+        m.observe_usage(&MapUsage { map: CONNTRACK, entries: 7, live: Some(5), capacity: 100 });
+        let mut ct = CtCounts::default();
+        ct.add(nodeplane_common::maps::IPPROTO_TCP, 10, 5);
+        ct.add(nodeplane_common::maps::IPPROTO_UDP, 10, 50);
+        m.observe_conntrack("service", &ct);
+        let text = m.encode();
+        for line in [
+            "nodeplane_map_capacity{map=\"services\"} 65536",
+            "nodeplane_map_entries{map=\"services\"} 3",
+            "nodeplane_map_entries{map=\"backend_slots\"} 4",
+            "nodeplane_map_entries{map=\"conntrack\"} 7",
+            "nodeplane_map_capacity{map=\"conntrack\"} 100",
+            "nodeplane_conntrack_entries{table=\"service\",protocol=\"tcp\",state=\"live\"} 1",
+            "nodeplane_conntrack_entries{table=\"service\",protocol=\"udp\",state=\"expired\"} 1",
+            "nodeplane_conntrack_entries{table=\"service\",protocol=\"other\",state=\"live\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_log_level_is_read_and_changed_with_clear_errors() {
+        use std::net::{IpAddr, Ipv4Addr};
+        let installed = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = installed.clone();
+        let log = LogLevel::new("info", move |f| {
+            seen.lock().unwrap().push(f.to_string());
+            Ok(())
+        });
+        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        assert_eq!(log.get(), "info");
+        assert_eq!(log.put(local, "debug\n"), (StatusCode::OK, "debug\n".into()));
+        let (code, body) = log.put(local, "nodeplane_agent=trace,warn");
+        assert_eq!(code, StatusCode::OK);
+        assert!(body.contains("nodeplane_agent=trace") && body.contains("warn"), "{body}");
+        assert_eq!(log.get(), body.trim());
+        for bad in ["", "  ", "loud", "nodeplane_agent=loud"] {
+            let (code, body) = log.put(local, bad);
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
+            assert!(body.starts_with("invalid log filter"), "{body}");
+        }
+        assert_eq!(log.get(), body.trim(), "a bad filter changes nothing");
+        let (code, _) = log.put(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), "debug");
+        assert_eq!(code, StatusCode::FORBIDDEN, "only from the node");
+        assert_eq!(installed.lock().unwrap().len(), 2, "{installed:?}");
+
+        // SIGUSR1 toggles debug and back to what was there.
+        let log = LogLevel::detached("nodeplane_agent=info,warn");
+        assert_eq!(log.toggle_debug().unwrap(), "debug");
+        let back = log.toggle_debug().unwrap();
+        assert!(back.contains("nodeplane_agent=info"), "{back}");
+        // An install that fails (the subscriber is gone) is an error and changes nothing.
+        let log = LogLevel::new("info", |_| Err("no subscriber".into()));
+        assert_eq!(log.set("debug"), Err("no subscriber".into()));
+        assert_eq!(log.get(), "info");
+    }
+
+    /// The sample names the registry renders: from each `# TYPE name type` line, `name` for
+    /// gauges, `name_total` for counters, `name_bucket|_sum|_count` for histograms.
+    fn exported_series(text: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                "info" => &["_info"],
+                _ => &[""],
+            };
+            out.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+        out
+    }
+
+    /// Metrics with a sample in every family: the text format leaves empty families out.
+    /// A new family must get one here before the dashboard may use it.
+    fn populated() -> Metrics {
+        use crate::occupancy::{CONNTRACK, CtCounts, MapUsage};
+        let m = Metrics::new();
+        m.observe_source(&SourceHealth::default(), Instant::now());
+        let all: Vec<_> = Reason::ALL.iter().map(|r| (*r, Default::default())).collect();
+        m.observe_datapath(&all);
+        m.objects.get_or_create(&KindLabel { kind: "Service".into() }).set(1);
+        m.skipped.get_or_create(&ReasonLabel { reason: "invalid_port".into() }).set(1);
+        let verdict = PolicyVerdictLabel {
+            policy: "d/p".into(),
+            direction: "ingress".into(),
+            verdict: "allow".into(),
+        };
+        m.observe_policy_verdicts(&BTreeMap::from([(verdict, 1)]));
+        m.observe_policy_maps(&PolicyMapSizes::default());
+        m.observe_usage(&MapUsage { map: CONNTRACK, entries: 1, live: None, capacity: 2 });
+        m.observe_conntrack("service", &CtCounts::default());
+        m
+    }
+
+    /// `manifests/grafana-dashboard.json` uses only series the agent exports, so renaming a
+    /// metric without the dashboard fails here.
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/grafana-dashboard.json");
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let dash: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let exported = exported_series(&populated().encode());
+        assert!(exported.contains("nodeplane_sync_errors_total"), "{exported:?}");
+        assert!(exported.contains("nodeplane_map_entries"), "{exported:?}");
+
+        let vars: Vec<&str> = dash["templating"]["list"]
+            .as_array()
+            .expect("templating.list")
+            .iter()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        assert_eq!(vars, ["datasource", "node"]);
+
+        let mut used = BTreeSet::new();
+        let panels = dash["panels"].as_array().expect("panels");
+        for panel in panels.iter().filter(|p| p["type"] != "row") {
+            let title = panel["title"].as_str().unwrap_or("?");
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+            let targets = panel["targets"].as_array().unwrap_or_else(|| panic!("{title}: targets"));
+            assert!(!targets.is_empty(), "{title}: no query");
+            for target in targets {
+                let expr = target["expr"].as_str().unwrap_or_else(|| panic!("{title}: expr"));
+                assert!(expr.contains("instance=~\"$node\""), "{title}: {expr} ignores $node");
+                let names: Vec<&str> = expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|t| t.starts_with("nodeplane_"))
+                    .collect();
+                assert!(!names.is_empty(), "{title}: {expr} uses no nodeplane metric");
+                for name in names {
+                    assert!(
+                        exported.contains(name),
+                        "{title}: {name} is not exported by the agent:\n{exported:#?}"
+                    );
+                    used.insert(name.to_string());
+                }
+            }
+        }
+        // Everything the issue asks the dashboard to plot is there.
+        for name in [
+            "nodeplane_network_programming_duration_seconds_bucket",
+            "nodeplane_event_programming_duration_seconds_bucket",
+            "nodeplane_sync_duration_seconds_bucket",
+            "nodeplane_sync_errors_total",
+            "nodeplane_objects",
+            "nodeplane_skipped_objects",
+            "nodeplane_service_frontends",
+            "nodeplane_service_backends",
+            "nodeplane_datapath_packets_total",
+            "nodeplane_policy_verdicts_total",
+            "nodeplane_flow_events_total",
+            "nodeplane_map_entries",
+            "nodeplane_map_capacity",
+            "nodeplane_conntrack_entries",
+            "nodeplane_source_stale_seconds",
+            "nodeplane_source_watch_errors_total",
+        ] {
+            assert!(used.contains(name), "the dashboard does not plot {name}");
+        }
+    }
+
+    /// One HTTP/1.0 request; returns the status code and the body.
+    async fn request(
+        addr: std::net::SocketAddr,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (u16, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn loglevel_is_served_next_to_metrics() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = LogLevel::detached("info");
+        tokio::spawn(serve_metrics(listener, Arc::new(Metrics::new()), Some(log.clone())));
+        assert_eq!(request(addr, "GET", "/loglevel", "").await, (200, "info\n".into()));
+        assert_eq!(request(addr, "PUT", "/loglevel", "debug").await, (200, "debug\n".into()));
+        assert_eq!(log.get(), "debug");
+        let (status, body) = request(addr, "PUT", "/loglevel", "x=loud").await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(request(addr, "GET", "/loglevel", "").await, (200, "debug\n".into()));
+        let (status, body) = request(addr, "GET", "/metrics", "").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("nodeplane_build_info"), "{body}");
     }
 }

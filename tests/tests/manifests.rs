@@ -51,6 +51,8 @@ const AGENT_SETTINGS: &[(&str, &str)] = &[
     ("--healthz-timeout", "NODEPLANE_HEALTHZ_TIMEOUT"),
     ("--iface-prefix", "NODEPLANE_IFACE_PREFIX"),
     ("--log-format", "NODEPLANE_LOG_FORMAT"),
+    ("--log-level", "NODEPLANE_LOG_LEVEL"),
+    ("--occupancy-interval", "NODEPLANE_OCCUPANCY_INTERVAL"),
     ("--flow-log", "NODEPLANE_FLOW_LOG"),
     ("--flow-log-allowed", "NODEPLANE_FLOW_LOG_ALLOWED"),
     ("--flow-log-rate", "NODEPLANE_FLOW_LOG_RATE"),
