@@ -107,6 +107,11 @@ pub struct Dirty {
     /// A Pod, Namespace or NetworkPolicy changed: the policy maps are to be recomputed.
     /// Independent of the two fields above (the service maps ignore it).
     pub policy_dirty: bool,
+    /// The Pods that changed (added, replaced, deleted) since the last take.
+    pub pods: BTreeSet<ObjectKey>,
+    /// A Namespace or NetworkPolicy changed: the policy maps cannot be updated from the
+    /// changed Pods alone.
+    pub policy_inputs: bool,
 }
 
 impl Index {
@@ -141,11 +146,15 @@ impl Index {
             Object::Pod(pod) => {
                 let changed = store(&mut self.pods, &key, Some(convert_pod(&key, pod)));
                 self.dirty.policy_dirty |= changed;
+                if changed {
+                    self.dirty.pods.insert(key.clone());
+                }
                 changed
             }
             Object::Namespace(ns) => {
                 let changed = store(&mut self.namespaces, &key, Some(convert_namespace(&key, ns)));
                 self.dirty.policy_dirty |= changed;
+                self.dirty.policy_inputs |= changed;
                 changed
             }
             Object::Node(node) => store(&mut self.nodes, &key, Some(convert_node(&key, node))),
@@ -154,6 +163,7 @@ impl Index {
                 skips.extend(issues.into_iter().map(SkipReason::InvalidPolicyPart));
                 let changed = store(&mut self.network_policies, &key, Some(model));
                 self.dirty.policy_dirty |= changed;
+                self.dirty.policy_inputs |= changed;
                 changed
             }
         };
@@ -176,6 +186,15 @@ impl Index {
         };
         if matches!(kind, Kind::Pod | Kind::Namespace | Kind::NetworkPolicy) {
             self.dirty.policy_dirty |= changed;
+        }
+        if changed {
+            match kind {
+                Kind::Pod => {
+                    self.dirty.pods.insert(key.clone());
+                }
+                Kind::Namespace | Kind::NetworkPolicy => self.dirty.policy_inputs = true,
+                _ => {}
+            }
         }
         if changed {
             self.revision += 1;
@@ -244,6 +263,10 @@ impl Index {
 
     pub fn pods(&self) -> impl Iterator<Item = &Pod> {
         self.pods.values()
+    }
+
+    pub fn pod(&self, key: &ObjectKey) -> Option<&Pod> {
+        self.pods.get(key)
     }
 
     pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
@@ -1232,12 +1255,21 @@ ingress: [{from: [{ipBlock: {cidr: 'fd00::/64'}}, {podSelector: {}}]}]";
         index.apply(pod("web"));
         let dirty = index.take_dirty();
         assert!(dirty.policy_dirty && !dirty.all && dirty.services.is_empty());
+        assert_eq!(dirty.pods, BTreeSet::from([key("shop", "web-0")]), "which Pod");
+        assert!(!dirty.policy_inputs, "only a Pod");
         index.apply(pod("web"));
         assert!(!index.take_dirty().policy_dirty, "an unchanged Pod");
         index.apply(ns("a"));
-        assert!(index.take_dirty().policy_dirty);
+        let dirty = index.take_dirty();
+        assert!(dirty.policy_dirty && dirty.policy_inputs && dirty.pods.is_empty());
         index.apply(mk_policy("shop", "np", "podSelector: {}"));
-        assert!(index.take_dirty().policy_dirty);
+        let dirty = index.take_dirty();
+        assert!(dirty.policy_dirty && dirty.policy_inputs);
+        index.delete(Kind::Pod, &key("shop", "web-0"));
+        let dirty = index.take_dirty();
+        assert!(dirty.pods.contains(&key("shop", "web-0")) && !dirty.policy_inputs);
+        index.apply(pod("web"));
+        index.take_dirty();
         index.apply(mk_policy("shop", "np", "podSelector: {}"));
         assert!(!index.take_dirty().policy_dirty, "an unchanged policy");
         index.delete(Kind::NetworkPolicy, &key("shop", "np"));

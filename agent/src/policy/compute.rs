@@ -77,7 +77,7 @@ use nodeplane_common::policy::{
 
 use super::lpm::{self, covers, ipv4_lookup, mask_policy_key, policy_lookup, port_blocks};
 use super::{Peer, Peers, Policy, PolicyProtocol, PortSpec, Ports, Rule};
-use crate::model::{ContainerPort, Ipv4Cidr, Labels, ObjectKey, Pod, PodPhase};
+use crate::model::{Ipv4Cidr, Labels, ObjectKey, Pod, PodPhase};
 
 /// Everything the computation reads.
 #[derive(Clone, Debug)]
@@ -124,7 +124,7 @@ impl Direction {
         }
     }
 
-    fn rules(self, policy: &Policy) -> Option<&[Rule]> {
+    pub(super) fn rules(self, policy: &Policy) -> Option<&[Rule]> {
         match self {
             Self::Ingress => policy.ingress.as_deref(),
             Self::Egress => policy.egress.as_deref(),
@@ -308,7 +308,7 @@ pub fn compute(input: &Input<'_>) -> PolicyMaps {
 }
 
 /// Policies by key; a duplicate key (never produced by the index) keeps the first.
-fn sorted_policies<'a>(policies: &[&'a Policy]) -> Vec<&'a Policy> {
+pub(super) fn sorted_policies<'a>(policies: &[&'a Policy]) -> Vec<&'a Policy> {
     let mut sorted = policies.to_vec();
     sorted.sort_by(|a, b| a.key.cmp(&b.key));
     sorted.dedup_by(|a, b| a.key == b.key);
@@ -316,15 +316,11 @@ fn sorted_policies<'a>(policies: &[&'a Policy]) -> Vec<&'a Policy> {
 }
 
 /// Pods that own their IP for policy, by IP.
-fn live_pods<'a>(pods: &[&'a Pod]) -> BTreeMap<Ipv4Addr, &'a Pod> {
-    let rank = |p: &Pod| (p.phase != PodPhase::Running, p.key.clone());
+pub(super) fn live_pods<'a>(pods: &[&'a Pod]) -> BTreeMap<Ipv4Addr, &'a Pod> {
     let mut by_ip: BTreeMap<Ipv4Addr, &Pod> = BTreeMap::new();
     for pod in pods {
-        let Some(ip) = pod.ip else { continue };
-        if pod.host_network || matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed) {
-            continue;
-        }
-        let better = by_ip.get(&ip).is_none_or(|cur| rank(pod) < rank(cur));
+        let Some(ip) = pod.ip.filter(|_| eligible(pod)) else { continue };
+        let better = by_ip.get(&ip).is_none_or(|cur| claims_before(pod, cur));
         if better {
             by_ip.insert(ip, pod);
         }
@@ -332,46 +328,47 @@ fn live_pods<'a>(pods: &[&'a Pod]) -> BTreeMap<Ipv4Addr, &'a Pod> {
     by_ip
 }
 
+/// Whether a pod counts for policy at all (owns its IP if no better pod claims it).
+pub(super) fn eligible(pod: &Pod) -> bool {
+    pod.ip.is_some()
+        && !pod.host_network
+        && !matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed)
+}
+
+/// Of two pods claiming one IP, whether `a` wins over `b`: `Running` first, then the
+/// smaller key.
+pub(super) fn claims_before(a: &Pod, b: &Pod) -> bool {
+    (a.phase != PodPhase::Running, &a.key) < (b.phase != PodPhase::Running, &b.key)
+}
+
 /// One peer of one rule, by position in the sorted policy list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct PeerRef {
-    policy: u32,
-    dir: Direction,
-    rule: u32,
-    peer: u32,
+pub(super) struct PeerRef {
+    pub(super) policy: u32,
+    pub(super) dir: Direction,
+    pub(super) rule: u32,
+    pub(super) peer: u32,
 }
 
 /// One rule, by position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct RuleIdx {
-    policy: u32,
-    dir: Direction,
-    rule: u32,
+pub(super) struct RuleIdx {
+    pub(super) policy: u32,
+    pub(super) dir: Direction,
+    pub(super) rule: u32,
 }
 
 /// A named port with its protocol, as egress rules use them.
-type NamedPort = (String, PolicyProtocol);
+pub(super) type NamedPort = (String, PolicyProtocol);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct Signature {
-    peers: Vec<PeerRef>,
+pub(super) struct Signature {
+    pub(super) peers: Vec<PeerRef>,
     /// (index in `World::named`, port) pairs, sorted.
-    named: Vec<(u32, u16)>,
+    pub(super) named: Vec<(u32, u16)>,
 }
 
-/// Ports `ports` name `name` with `protocol`, sorted.
-fn resolve_named(ports: &[ContainerPort], name: &str, protocol: PolicyProtocol) -> Vec<u16> {
-    let mut found: Vec<u16> = ports
-        .iter()
-        .filter(|p| p.name.as_deref() == Some(name) && p.protocol == protocol)
-        .map(|p| p.port)
-        .collect();
-    found.sort_unstable();
-    found.dedup();
-    found
-}
-
-fn pod_namespace(pod: &Pod) -> &str {
+pub(super) fn pod_namespace(pod: &Pod) -> &str {
     pod.key.namespace.as_deref().unwrap_or("")
 }
 
@@ -392,6 +389,77 @@ struct World<'a> {
     ids_by_peer: HashMap<PeerRef, Vec<u32>>,
     /// Per named port: (identity, port) for every identity resolving it, sorted.
     ids_by_named: Vec<Vec<(u32, u16)>>,
+    /// Every signature (index 0 the empty one).
+    sigs: Vec<Signature>,
+    /// The ipBlock peers of each prefix's own addresses.
+    prefix_peers: BTreeMap<Ipv4Cidr, Vec<PeerRef>>,
+}
+
+/// What [`compute_parts`] keeps besides the maps: the intermediate results an incremental
+/// update starts from ([`super::incremental`]).
+pub(super) struct Parts {
+    pub(super) named: Vec<NamedPort>,
+    pub(super) sigs: Vec<Signature>,
+    pub(super) sig_ids: Vec<u32>,
+    pub(super) pod_sig: BTreeMap<Ipv4Addr, usize>,
+    pub(super) prefix_sig: BTreeMap<Ipv4Cidr, usize>,
+    pub(super) prefix_peers: BTreeMap<Ipv4Cidr, Vec<PeerRef>>,
+    pub(super) ids_by_peer: HashMap<PeerRef, Vec<u32>>,
+    pub(super) ids_by_named: Vec<Vec<(u32, u16)>>,
+    /// Set inputs in use, with their content and id.
+    pub(super) sets: Vec<(SetInput, SetContent, u32)>,
+    /// Local pod IP -> index in `sets` per direction.
+    pub(super) local: BTreeMap<Ipv4Addr, [Option<usize>; 2]>,
+    /// Rule list -> rule id.
+    pub(super) rule_ids: BTreeMap<Vec<RuleIdx>, u32>,
+}
+
+/// [`compute`], keeping the intermediate results.
+pub(super) fn compute_parts(input: &Input<'_>) -> (PolicyMaps, Parts) {
+    let policies = sorted_policies(&input.policies);
+    let pods = live_pods(&input.pods);
+    let world = World::new(input, &policies, &pods);
+    let (maps, sets) = world.maps_and_sets();
+    let World {
+        named,
+        sig_ids,
+        pod_sig,
+        prefix_sig,
+        ids_by_peer,
+        ids_by_named,
+        sigs,
+        prefix_peers,
+        ..
+    } = world;
+    let parts = Parts {
+        named,
+        sigs,
+        sig_ids,
+        pod_sig,
+        prefix_sig,
+        prefix_peers,
+        ids_by_peer,
+        ids_by_named,
+        sets: sets.sets,
+        local: sets.local,
+        rule_ids: sets.rule_ids,
+    };
+    (maps, parts)
+}
+
+/// The set part of [`Parts`].
+struct SetParts {
+    sets: Vec<(SetInput, SetContent, u32)>,
+    local: BTreeMap<Ipv4Addr, [Option<usize>; 2]>,
+    rule_ids: BTreeMap<Vec<RuleIdx>, u32>,
+}
+
+/// What computing a set's entries reads besides its input.
+pub(super) struct SetCtx<'w> {
+    pub(super) policies: &'w [&'w Policy],
+    pub(super) named: &'w [NamedPort],
+    pub(super) ids_by_peer: &'w HashMap<PeerRef, Vec<u32>>,
+    pub(super) ids_by_named: &'w [Vec<(u32, u16)>],
 }
 
 impl<'a> World<'a> {
@@ -539,10 +607,26 @@ impl<'a> World<'a> {
             prefix_sig,
             ids_by_peer,
             ids_by_named,
+            sigs,
+            prefix_peers,
+        }
+    }
+
+    fn ctx(&self) -> SetCtx<'_> {
+        SetCtx {
+            policies: self.policies,
+            named: &self.named,
+            ids_by_peer: &self.ids_by_peer,
+            ids_by_named: &self.ids_by_named,
         }
     }
 
     fn maps(&self) -> PolicyMaps {
+        self.maps_and_sets().0
+    }
+
+    fn maps_and_sets(&self) -> (PolicyMaps, SetParts) {
+        let ctx = self.ctx();
         let mut maps = PolicyMaps::default();
         let mut identities: BTreeMap<u32, IdentityName> = BTreeMap::new();
         identities.insert(IDENTITY_UNSELECTED, IdentityName::default());
@@ -582,10 +666,10 @@ impl<'a> World<'a> {
             }
             let mut sets = [None, None];
             for (slot, dir) in sets.iter_mut().zip(Direction::ALL) {
-                let Some(key) = self.set_input(pod, dir) else { continue };
+                let Some(key) = set_input(self.policies, pod, dir) else { continue };
                 let next = contents.len();
                 let i = *set_of.entry(key).or_insert_with_key(|key| {
-                    contents.push(self.set_content(key, pod));
+                    contents.push(set_content(&ctx, key));
                     next
                 });
                 *slot = Some(i);
@@ -600,38 +684,34 @@ impl<'a> World<'a> {
             .into_iter()
             .map(|l| {
                 let mut b = vec![b'R'];
-                self.encode_rules(l, &mut b);
+                encode_rules(self.policies, l, &mut b);
                 (b, l)
             })
             .collect();
         let rule_ids: BTreeMap<&Vec<RuleIdx>, u32> =
             assign_ids(encoded, 1, 1 << 31).into_iter().collect();
         for (list, id) in &rule_ids {
-            maps.names.rules.insert(*id, list.iter().map(|r| self.rule_ref(*r)).collect());
+            maps.names
+                .rules
+                .insert(*id, list.iter().map(|r| rule_ref(self.policies, *r)).collect());
         }
         let set_ids: Vec<u32> = {
-            let encoded: Vec<(Vec<u8>, usize)> =
-                contents.iter().enumerate().map(|(i, c)| (self.encode_set(c), i)).collect();
+            let encoded: Vec<(Vec<u8>, usize)> = contents
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (encode_set(self.policies, c), i))
+                .collect();
             let ids: BTreeMap<usize, u32> = assign_ids(encoded, 1, 1 << 31).into_iter().collect();
             (0..contents.len()).map(|i| ids[&i]).collect()
         };
         for (c, set) in contents.iter().zip(&set_ids) {
-            maps.names.sets.insert(
-                *set,
-                SetName {
-                    dir: c.dir,
-                    policies: c
-                        .policies
-                        .iter()
-                        .map(|p| self.policies[*p as usize].key.clone())
-                        .collect(),
-                },
-            );
+            maps.names.sets.insert(*set, set_name(self.policies, c));
             for ((identity, proto, port, len), rules) in &c.entries {
                 let key = mask_policy_key(&PolicyKey::new(*set, *identity, *proto, *port), *len);
                 maps.rules.insert((key, *len), PolicyValue { rule: rule_ids[rules], _reserved: 0 });
             }
         }
+        let local_sets = local.iter().map(|(ip, _, sets)| (*ip, *sets)).collect();
         for (ip, identity, sets) in local {
             let set = |s: Option<usize>| s.map_or(SET_NONE, |i| set_ids[i]);
             maps.endpoints.insert(
@@ -644,168 +724,200 @@ impl<'a> World<'a> {
                 },
             );
         }
-        maps
-    }
-
-    /// What a pod's set in `dir` depends on; `None` if no policy isolates it.
-    fn set_input(&self, pod: &Pod, dir: Direction) -> Option<SetInput> {
-        // Policies are sorted by key, so those of one namespace are a range.
-        let ns = &pod.key.namespace;
-        let start = self.policies.partition_point(|p| p.key.namespace < *ns);
-        let end = self.policies.partition_point(|p| p.key.namespace <= *ns);
-        let policies: Vec<u32> = (start as u32..)
-            .zip(&self.policies[start..end])
-            .filter(|(_, p)| dir.rules(p).is_some() && p.pod_selector.matches(&pod.labels))
-            .map(|(i, _)| i)
-            .collect();
-        if policies.is_empty() {
-            return None;
+        let rule_ids = rule_ids.into_iter().map(|(l, id)| (l.clone(), id)).collect();
+        let mut set_inputs: Vec<Option<SetInput>> = vec![None; contents.len()];
+        for (input, i) in set_of {
+            set_inputs[i] = Some(input);
         }
-        // Ingress named ports resolve against the pod itself.
-        let uses_named = dir == Direction::Ingress
-            && policies.iter().any(|p| {
-                dir.rules(self.policies[*p as usize]).into_iter().flatten().any(rule_uses_named)
-            });
-        let mut ports: Vec<(String, PolicyProtocol, u16)> = if uses_named {
-            pod.container_ports
-                .iter()
-                .filter_map(|cp| Some((cp.name.clone()?, cp.protocol, cp.port)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        ports.sort();
-        ports.dedup();
-        Some(SetInput { dir, policies, ports })
+        let sets = set_inputs
+            .into_iter()
+            .zip(contents)
+            .zip(set_ids)
+            .filter_map(|((input, content), id)| Some((input?, content, id)))
+            .collect();
+        (maps, SetParts { sets, local: local_sets, rule_ids })
     }
+}
 
-    fn set_content(&self, input: &SetInput, pod: &Pod) -> SetContent {
-        let dir = input.dir;
-        let mut entries: BTreeMap<EntryKey, BTreeSet<RuleIdx>> = BTreeMap::new();
-        for p in &input.policies {
-            let rules = dir.rules(self.policies[*p as usize]).unwrap_or_default();
-            for (r, rule) in (0..).zip(rules) {
-                let idx = RuleIdx { policy: *p, dir, rule: r };
-                let mut add = |key: EntryKey| {
-                    entries.entry(key).or_default().insert(idx);
-                };
-                let peers: Vec<u32> = match &rule.peers {
-                    Peers::All => vec![IDENTITY_ANY],
-                    Peers::Only(list) => {
-                        let mut ids: Vec<u32> = (0..list.len() as u32)
-                            .filter_map(|peer| {
-                                self.ids_by_peer.get(&PeerRef { policy: *p, dir, rule: r, peer })
-                            })
-                            .flatten()
-                            .copied()
-                            .collect();
-                        ids.sort_unstable();
-                        ids.dedup();
-                        ids
+/// What a pod's set in `dir` depends on; `None` if no policy isolates it. `policies`
+/// sorted by key.
+pub(super) fn set_input(policies: &[&Policy], pod: &Pod, dir: Direction) -> Option<SetInput> {
+    // Policies are sorted by key, so those of one namespace are a range.
+    let ns = &pod.key.namespace;
+    let start = policies.partition_point(|p| p.key.namespace < *ns);
+    let end = policies.partition_point(|p| p.key.namespace <= *ns);
+    let isolating: Vec<u32> = (start as u32..)
+        .zip(&policies[start..end])
+        .filter(|(_, p)| dir.rules(p).is_some() && p.pod_selector.matches(&pod.labels))
+        .map(|(i, _)| i)
+        .collect();
+    if isolating.is_empty() {
+        return None;
+    }
+    // Ingress named ports resolve against the pod itself.
+    let uses_named = dir == Direction::Ingress
+        && isolating
+            .iter()
+            .any(|p| dir.rules(policies[*p as usize]).into_iter().flatten().any(rule_uses_named));
+    let mut ports: Vec<(String, PolicyProtocol, u16)> = if uses_named {
+        pod.container_ports
+            .iter()
+            .filter_map(|cp| Some((cp.name.clone()?, cp.protocol, cp.port)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    ports.sort();
+    ports.dedup();
+    Some(SetInput { dir, policies: isolating, ports })
+}
+
+/// The entries of the set `input` names. Ingress named ports resolve against
+/// `input.ports` (the pod's named ports, present whenever a rule uses one).
+pub(super) fn set_content(ctx: &SetCtx<'_>, input: &SetInput) -> SetContent {
+    let dir = input.dir;
+    let mut entries: BTreeMap<EntryKey, BTreeSet<RuleIdx>> = BTreeMap::new();
+    for p in &input.policies {
+        let rules = dir.rules(ctx.policies[*p as usize]).unwrap_or_default();
+        for (r, rule) in (0..).zip(rules) {
+            let idx = RuleIdx { policy: *p, dir, rule: r };
+            let mut add = |key: EntryKey| {
+                entries.entry(key).or_default().insert(idx);
+            };
+            let peers: Vec<u32> = match &rule.peers {
+                Peers::All => vec![IDENTITY_ANY],
+                Peers::Only(list) => {
+                    let mut ids: Vec<u32> = (0..list.len() as u32)
+                        .filter_map(|peer| {
+                            ctx.ids_by_peer.get(&PeerRef { policy: *p, dir, rule: r, peer })
+                        })
+                        .flatten()
+                        .copied()
+                        .collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    ids
+                }
+            };
+            let port_list = match &rule.ports {
+                Ports::All => {
+                    for id in &peers {
+                        add((*id, 0, 0, PolicyKey::PREFIX_ANY_PROTO));
                     }
-                };
-                let port_list = match &rule.ports {
-                    Ports::All => {
+                    continue;
+                }
+                Ports::Only(list) => list,
+            };
+            for pm in port_list {
+                let proto = pm.protocol.ipproto();
+                match &pm.port {
+                    PortSpec::Any => {
                         for id in &peers {
-                            add((*id, 0, 0, PolicyKey::PREFIX_ANY_PROTO));
+                            add((*id, proto, 0, PolicyKey::PREFIX_ANY_PORT));
                         }
-                        continue;
                     }
-                    Ports::Only(list) => list,
-                };
-                for pm in port_list {
-                    let proto = pm.protocol.ipproto();
-                    match &pm.port {
-                        PortSpec::Any => {
+                    PortSpec::Range { first, last } => {
+                        for b in port_blocks(*first, *last) {
                             for id in &peers {
-                                add((*id, proto, 0, PolicyKey::PREFIX_ANY_PORT));
+                                add((*id, proto, b.first, b.prefix_len()));
                             }
                         }
-                        PortSpec::Range { first, last } => {
-                            for b in port_blocks(*first, *last) {
-                                for id in &peers {
-                                    add((*id, proto, b.first, b.prefix_len()));
-                                }
+                    }
+                    PortSpec::Named(name) if dir == Direction::Ingress => {
+                        let mut ports: Vec<u16> = input
+                            .ports
+                            .iter()
+                            .filter(|(n, pr, _)| n == name && *pr == pm.protocol)
+                            .map(|(_, _, port)| *port)
+                            .collect();
+                        ports.dedup();
+                        for port in ports {
+                            for id in &peers {
+                                add((*id, proto, port, PolicyKey::PREFIX_FULL));
                             }
                         }
-                        PortSpec::Named(name) if dir == Direction::Ingress => {
-                            for port in resolve_named(&pod.container_ports, name, pm.protocol) {
-                                for id in &peers {
-                                    add((*id, proto, port, PolicyKey::PREFIX_FULL));
-                                }
-                            }
-                        }
-                        PortSpec::Named(name) => {
-                            let key = (name.clone(), pm.protocol);
-                            let Ok(n) = self.named.binary_search(&key) else { continue };
-                            for (id, port) in &self.ids_by_named[n] {
-                                let peer_ok = match &rule.peers {
-                                    Peers::All => true,
-                                    Peers::Only(_) => peers.binary_search(id).is_ok(),
-                                };
-                                if peer_ok {
-                                    add((*id, proto, *port, PolicyKey::PREFIX_FULL));
-                                }
+                    }
+                    PortSpec::Named(name) => {
+                        let Ok(n) = ctx.named.binary_search_by(|(nn, pr)| {
+                            (nn.as_str(), *pr).cmp(&(name.as_str(), pm.protocol))
+                        }) else {
+                            continue;
+                        };
+                        for (id, port) in &ctx.ids_by_named[n] {
+                            let peer_ok = match &rule.peers {
+                                Peers::All => true,
+                                Peers::Only(_) => peers.binary_search(id).is_ok(),
+                            };
+                            if peer_ok {
+                                add((*id, proto, *port, PolicyKey::PREFIX_FULL));
                             }
                         }
                     }
                 }
             }
         }
-        SetContent { dir, policies: input.policies.clone(), entries: attribute(entries) }
     }
+    SetContent { dir, policies: input.policies.clone(), entries: attribute(entries) }
+}
 
-    fn rule_ref(&self, r: RuleIdx) -> RuleRef {
-        RuleRef { policy: self.policies[r.policy as usize].key.clone(), dir: r.dir, rule: r.rule }
+pub(super) fn set_name(policies: &[&Policy], c: &SetContent) -> SetName {
+    SetName {
+        dir: c.dir,
+        policies: c.policies.iter().map(|p| policies[*p as usize].key.clone()).collect(),
     }
+}
 
-    fn encode_rules(&self, rules: &[RuleIdx], b: &mut Vec<u8>) {
-        put_u32(b, rules.len() as u32);
-        for r in rules {
-            encode_key(&self.policies[r.policy as usize].key, b);
-            b.push(r.dir.as_u8());
-            put_u32(b, r.rule);
-        }
-    }
+pub(super) fn rule_ref(policies: &[&Policy], r: RuleIdx) -> RuleRef {
+    RuleRef { policy: policies[r.policy as usize].key.clone(), dir: r.dir, rule: r.rule }
+}
 
-    fn encode_set(&self, c: &SetContent) -> Vec<u8> {
-        let mut b = vec![b'S', c.dir.as_u8()];
-        put_u32(&mut b, c.policies.len() as u32);
-        for p in &c.policies {
-            encode_key(&self.policies[*p as usize].key, &mut b);
-        }
-        for ((identity, proto, port, len), rules) in &c.entries {
-            put_u32(&mut b, *identity);
-            b.push(*proto);
-            b.extend_from_slice(&port.to_be_bytes());
-            b.push(*len as u8);
-            self.encode_rules(rules, &mut b);
-        }
-        b
+pub(super) fn encode_rules(policies: &[&Policy], rules: &[RuleIdx], b: &mut Vec<u8>) {
+    put_u32(b, rules.len() as u32);
+    for r in rules {
+        encode_key(&policies[r.policy as usize].key, b);
+        b.push(r.dir.as_u8());
+        put_u32(b, r.rule);
     }
+}
+
+pub(super) fn encode_set(policies: &[&Policy], c: &SetContent) -> Vec<u8> {
+    let mut b = vec![b'S', c.dir.as_u8()];
+    put_u32(&mut b, c.policies.len() as u32);
+    for p in &c.policies {
+        encode_key(&policies[*p as usize].key, &mut b);
+    }
+    for ((identity, proto, port, len), rules) in &c.entries {
+        put_u32(&mut b, *identity);
+        b.push(*proto);
+        b.extend_from_slice(&port.to_be_bytes());
+        b.push(*len as u8);
+        encode_rules(policies, rules, &mut b);
+    }
+    b
 }
 
 /// Everything a policy set depends on: pods with equal inputs get equal sets.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct SetInput {
-    dir: Direction,
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct SetInput {
+    pub(super) dir: Direction,
     /// Isolating policies, by position.
-    policies: Vec<u32>,
+    pub(super) policies: Vec<u32>,
     /// The pod's named container ports, when an ingress rule uses a named port.
-    ports: Vec<(String, PolicyProtocol, u16)>,
+    pub(super) ports: Vec<(String, PolicyProtocol, u16)>,
 }
 
 /// (identity, proto, port, prefix length): an entry of a set before it has an id.
-type EntryKey = (u32, u8, u16, u32);
+pub(super) type EntryKey = (u32, u8, u16, u32);
 
-struct SetContent {
-    dir: Direction,
-    policies: Vec<u32>,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SetContent {
+    pub(super) dir: Direction,
+    pub(super) policies: Vec<u32>,
     /// Entry -> sorted rules it is attributed to.
-    entries: BTreeMap<EntryKey, Vec<RuleIdx>>,
+    pub(super) entries: BTreeMap<EntryKey, Vec<RuleIdx>>,
 }
 
-fn rule_uses_named(rule: &Rule) -> bool {
+pub(super) fn rule_uses_named(rule: &Rule) -> bool {
     matches!(&rule.ports, Ports::Only(l) if l.iter().any(|p| matches!(p.port, PortSpec::Named(_))))
 }
 
@@ -851,7 +963,9 @@ fn attribute(entries: BTreeMap<EntryKey, BTreeSet<RuleIdx>>) -> BTreeMap<EntryKe
 }
 
 /// Every peer of every rule, in [`PeerRef`] order.
-fn all_peers<'a>(policies: &'a [&'a Policy]) -> impl Iterator<Item = (PeerRef, &'a Peer)> + 'a {
+pub(super) fn all_peers<'a>(
+    policies: &'a [&'a Policy],
+) -> impl Iterator<Item = (PeerRef, &'a Peer)> + 'a {
     (0..).zip(policies).flat_map(|(policy, p)| {
         Direction::ALL.into_iter().flat_map(move |dir| {
             (0..).zip(dir.rules(p).unwrap_or_default()).flat_map(move |(rule, r)| {
@@ -865,7 +979,7 @@ fn all_peers<'a>(policies: &'a [&'a Policy]) -> impl Iterator<Item = (PeerRef, &
     })
 }
 
-fn egress_named_ports(policies: &[&Policy]) -> Vec<NamedPort> {
+pub(super) fn egress_named_ports(policies: &[&Policy]) -> Vec<NamedPort> {
     let mut named: BTreeSet<NamedPort> = BTreeSet::new();
     for p in policies {
         for rule in p.egress.iter().flatten() {
@@ -900,29 +1014,17 @@ impl Interner {
 }
 
 /// Identity of every signature (index-aligned with `sigs`).
-fn assign_identity_ids(policies: &[&Policy], named: &[NamedPort], sigs: &[Signature]) -> Vec<u32> {
+pub(super) fn assign_identity_ids(
+    policies: &[&Policy],
+    named: &[NamedPort],
+    sigs: &[Signature],
+) -> Vec<u32> {
     let mut ids = vec![IDENTITY_UNSELECTED; sigs.len()];
     let encoded: Vec<(Vec<u8>, usize)> = sigs
         .iter()
         .enumerate()
-        .filter(|(_, s)| !s.peers.is_empty() || !s.named.is_empty())
-        .map(|(i, s)| {
-            let mut b = vec![b'I'];
-            put_u32(&mut b, s.peers.len() as u32);
-            for p in &s.peers {
-                encode_key(&policies[p.policy as usize].key, &mut b);
-                b.push(p.dir.as_u8());
-                put_u32(&mut b, p.rule);
-                put_u32(&mut b, p.peer);
-            }
-            for (n, port) in &s.named {
-                let (name, proto) = &named[*n as usize];
-                put_str(&mut b, name);
-                b.push(proto.ipproto());
-                b.extend_from_slice(&port.to_be_bytes());
-            }
-            (b, i)
-        })
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(i, s)| (encode_identity(policies, named, s), i))
         .collect();
     for (i, id) in assign_ids(encoded, IDENTITY_FIRST_DYNAMIC, 1 << 31) {
         ids[i] = id;
@@ -930,9 +1032,35 @@ fn assign_identity_ids(policies: &[&Policy], named: &[NamedPort], sigs: &[Signat
     ids
 }
 
+impl Signature {
+    /// The empty signature: [`IDENTITY_UNSELECTED`], no hashed id.
+    pub(super) fn is_empty(&self) -> bool {
+        self.peers.is_empty() && self.named.is_empty()
+    }
+}
+
+/// The canonical bytes of a non-empty signature, hashed into its identity.
+pub(super) fn encode_identity(policies: &[&Policy], named: &[NamedPort], s: &Signature) -> Vec<u8> {
+    let mut b = vec![b'I'];
+    put_u32(&mut b, s.peers.len() as u32);
+    for p in &s.peers {
+        encode_key(&policies[p.policy as usize].key, &mut b);
+        b.push(p.dir.as_u8());
+        put_u32(&mut b, p.rule);
+        put_u32(&mut b, p.peer);
+    }
+    for (n, port) in &s.named {
+        let (name, proto) = &named[*n as usize];
+        put_str(&mut b, name);
+        b.push(proto.ipproto());
+        b.extend_from_slice(&port.to_be_bytes());
+    }
+    b
+}
+
 /// Ids in `[lo, hi)` for distinct canonical encodings: FNV-1a 64 of the bytes, then linear
 /// probing, claimed in byte order so the result does not depend on input order.
-fn assign_ids<T>(mut items: Vec<(Vec<u8>, T)>, lo: u32, hi: u32) -> Vec<(T, u32)> {
+pub(super) fn assign_ids<T>(mut items: Vec<(Vec<u8>, T)>, lo: u32, hi: u32) -> Vec<(T, u32)> {
     items.sort_by(|a, b| a.0.cmp(&b.0));
     let span = u64::from(hi - lo);
     let mut taken: BTreeSet<u32> = BTreeSet::new();
@@ -1106,7 +1234,7 @@ pub(crate) mod fixtures {
     // Random small worlds: 3 namespaces (all known), up to 8 pods on two nodes with unique
     // IPs 10.0.0.1.., up to 4 policies over a small vocabulary of labels, ipBlocks and ports.
 
-    fn label_set() -> impl Strategy<Value = Labels> {
+    pub fn label_set() -> impl Strategy<Value = Labels> {
         (
             prop::option::of(prop::sample::select(vec!["x", "y"])),
             prop::option::of(prop::sample::select(vec!["1", "2"])),

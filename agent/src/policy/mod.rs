@@ -22,6 +22,7 @@ use crate::model::{Ipv4Cidr, Labels, ObjectKey};
 
 pub mod compute;
 pub mod convert;
+pub mod incremental;
 pub mod lpm;
 pub mod reference;
 pub mod sync;

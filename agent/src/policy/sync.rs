@@ -97,6 +97,15 @@ pub struct PolicySyncStats {
     pub revision: u32,
 }
 
+/// The keys of the policy maps whose desired value may have changed since the maps the
+/// syncer last saw ([`PolicySyncer::apply_changed`]); a key may be listed and unchanged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyChanges {
+    pub ipcache: BTreeSet<Ipv4Cidr>,
+    pub endpoints: BTreeSet<Ipv4Addr>,
+    pub rules: BTreeSet<(PolicyKey, u32)>,
+}
+
 /// Plans and applies the policy maps; see the module docs.
 #[derive(Debug, Default)]
 pub struct PolicySyncer {
@@ -196,6 +205,91 @@ impl PolicySyncer {
             skipped,
             revision: self.config.revision,
         })
+    }
+
+    /// As [`PolicySyncer::apply`] when `maps` differs from the maps of the last apply only
+    /// at the keys in `changed`: plans those keys alone, in the same order. Falls back to
+    /// [`PolicySyncer::apply`] when entries are waiting for room or the new keys do not fit.
+    pub fn apply_changed(
+        &mut self,
+        maps: &PolicyMaps,
+        changed: &PolicyChanges,
+        w: &mut impl PolicyWriter,
+    ) -> Result<PolicySyncStats, PolicyWriteError> {
+        let Some(ops) = self.plan_changed(maps, changed) else {
+            return self.apply(maps, w);
+        };
+        for op in &ops {
+            w.apply_policy(op)?;
+            self.record(op);
+        }
+        self.log_skipped(Skipped::default());
+        Ok(PolicySyncStats {
+            ops: ops.len(),
+            ipcache: self.ipcache.len(),
+            endpoints: self.endpoints.len(),
+            rules: self.rules.len(),
+            skipped: Skipped::default(),
+            revision: self.config.revision,
+        })
+    }
+
+    /// [`PolicySyncer::plan`] restricted to `changed`; `None` if something was skipped
+    /// last time or the puts would not fit.
+    fn plan_changed(&self, maps: &PolicyMaps, changed: &PolicyChanges) -> Option<Vec<PolicyOp>> {
+        if self.last_skipped.any() {
+            return None;
+        }
+        fn puts<'a, K: Ord + Copy, V: PartialEq + Copy>(
+            keys: &'a BTreeSet<K>,
+            realized: &'a BTreeMap<K, V>,
+            desired: &'a BTreeMap<K, V>,
+            cap: u32,
+        ) -> Option<Vec<(K, V)>> {
+            let mut new = 0;
+            let mut out = Vec::new();
+            for k in keys {
+                let Some(v) = desired.get(k) else { continue };
+                match realized.get(k) {
+                    Some(old) if old == v => {}
+                    Some(_) => out.push((*k, *v)),
+                    None => {
+                        new += 1;
+                        out.push((*k, *v));
+                    }
+                }
+            }
+            (realized.len() + new <= cap as usize).then_some(out)
+        }
+        let mut ops = Vec::new();
+        let c = &self.capacity;
+        for ((key, prefix_len), value) in puts(&changed.rules, &self.rules, &maps.rules, c.rules)? {
+            ops.push(PolicyOp::PutRule { key, prefix_len, value });
+        }
+        for (cidr, identity) in puts(&changed.ipcache, &self.ipcache, &maps.ipcache, c.ipcache)? {
+            ops.push(PolicyOp::PutIpcache { cidr, identity });
+        }
+        let endpoints = puts(&changed.endpoints, &self.endpoints, &maps.endpoints, c.endpoints)?;
+        for (addr, value) in endpoints {
+            ops.push(PolicyOp::PutEndpoint { addr, value });
+        }
+        let gone = |k| !maps.endpoints.contains_key(k) && self.endpoints.contains_key(k);
+        for addr in changed.endpoints.iter().filter(|k| gone(k)) {
+            ops.push(PolicyOp::DelEndpoint { addr: *addr });
+        }
+        let gone = |k| !maps.rules.contains_key(k) && self.rules.contains_key(k);
+        for (key, prefix_len) in changed.rules.iter().filter(|k| gone(k)) {
+            ops.push(PolicyOp::DelRule { key: *key, prefix_len: *prefix_len });
+        }
+        let gone = |k| !maps.ipcache.contains_key(k) && self.ipcache.contains_key(k);
+        for cidr in changed.ipcache.iter().filter(|k| gone(k)) {
+            ops.push(PolicyOp::DelIpcache { cidr: *cidr });
+        }
+        if !ops.is_empty() || self.dirty || self.config.flags != self.flags {
+            let revision = self.config.revision.wrapping_add(1);
+            ops.push(PolicyOp::SetConfig(PolicyConfig { revision, flags: self.flags }));
+        }
+        Some(ops)
     }
 
     fn log_skipped(&mut self, skipped: Skipped) {
