@@ -776,6 +776,82 @@ mod tests {
         (agent, health)
     }
 
+    fn k8s<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("k8s object")
+    }
+
+    fn policy_pod(name: &str, app: &str, last: u8, node: &str) -> Object {
+        let pod: k8s_openapi::api::core::v1::Pod = k8s(serde_json::json!({
+            "metadata": { "namespace": "a", "name": name, "labels": { "app": app } },
+            "spec": { "nodeName": node, "containers": [] },
+            "status": { "phase": "Running", "podIP": format!("10.0.0.{last}") },
+        }));
+        pod.into()
+    }
+
+    fn web_to_db(port: u16) -> Object {
+        let np: k8s_openapi::api::networking::v1::NetworkPolicy = k8s(serde_json::json!({
+            "metadata": { "namespace": "a", "name": "db" },
+            "spec": {
+                "podSelector": { "matchLabels": { "app": "db" } },
+                "ingress": [{
+                    "from": [{ "podSelector": { "matchLabels": { "app": "web" } } }],
+                    "ports": [{ "port": port }],
+                }],
+            },
+        }));
+        np.into()
+    }
+
+    /// The policy maps a full compute of the agent's index gives.
+    fn computed(agent: &Agent) -> PolicyMaps {
+        let namespaces: BTreeMap<String, crate::model::Labels> =
+            agent.index.namespaces().map(|n| (n.name.clone(), n.labels.clone())).collect();
+        compute::compute(&compute::Input {
+            pods: agent.index.pods().collect(),
+            namespaces: &namespaces,
+            policies: agent.index.network_policies().collect(),
+            node_name: "n1",
+        })
+    }
+
+    #[test]
+    fn pod_changes_update_the_policy_maps_as_a_full_compute_would() {
+        let (mut agent, _) = agent();
+        let mut maps = FakeMaps::new();
+        let ns: k8s_openapi::api::core::v1::Namespace =
+            k8s(serde_json::json!({ "metadata": { "name": "a" } }));
+        let pods = vec![
+            policy_pod("db", "db", 1, "n1"),
+            policy_pod("web", "web", 2, "n2"),
+            policy_pod("other", "other", 3, "n1"),
+        ];
+        let mut events: Vec<Event> = Kind::ALL.map(|kind| Event::Reset(kind, vec![])).into();
+        events.push(Event::Apply(ns.into()));
+        events.extend(pods.into_iter().map(Event::Apply));
+        events.push(Event::Apply(web_to_db(80)));
+        agent.handle(Batch::now(events));
+        agent.sync(&mut maps).expect("sync");
+        maps.policy.check_matches(&computed(&agent)).expect("first sync");
+        let steps = [
+            Event::Apply(policy_pod("other", "web", 3, "n1")),
+            Event::Apply(policy_pod("new", "web", 4, "n1")),
+            Event::Apply(policy_pod("db", "none", 1, "n1")),
+            Event::Delete(Kind::Pod, crate::model::ObjectKey::namespaced("a", "web")),
+            Event::Apply(policy_pod("db", "db", 1, "n1")),
+            Event::Apply(web_to_db(81)),
+            Event::Apply(policy_pod("new", "web", 5, "n2")),
+        ];
+        for step in steps {
+            agent.handle(Batch::now(vec![step.clone()]));
+            let report = agent.sync(&mut maps).expect("sync");
+            assert!(report.policy_ops > 0, "{step:?} changes the maps");
+            let want = computed(&agent);
+            maps.policy.check_matches(&want).unwrap_or_else(|e| panic!("after {step:?}: {e}"));
+            assert_eq!(agent.policy_state.as_ref().map(|s| s.maps()), Some(&want));
+        }
+    }
+
     #[test]
     fn an_empty_cluster_becomes_ready() {
         // Every list is empty: nothing changes in the index, yet the lists completing must
