@@ -283,6 +283,11 @@ impl PolicyState {
         policies: &[&Policy],
         changed: impl IntoIterator<Item = (&'p ObjectKey, Option<&'p Pod>)>,
     ) -> Option<PolicyChanges> {
+        // Groups of pods long gone (every rollout brings a new `pod-template-hash`) must not
+        // pile up: start over once the cache outgrows the pods.
+        if self.groups.len() > 2 * self.live.len() + 1024 {
+            self.groups.clear();
+        }
         // The IPs whose owner may have changed.
         let mut ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
         for (key, pod) in changed {

@@ -8,6 +8,7 @@
 //!            pods, namespaces ──────────────────────┤
 //!                                                   ├──► reference::allowed   (plain Rust, the spec; tests only compare against it)
 //!                                                   └──► compute::compute     (identities, ipcache, endpoints, LPM policy entries)
+//!                                                          incremental::PolicyState (the same maps, updated in place when only pods change)
 //! ```
 //!
 //! Fail closed: a part of a policy the datapath cannot express (an unparseable ipBlock, a
