@@ -665,6 +665,24 @@ mod tests {
     use crate::policy::PolicyProtocol;
     use crate::policy::compute::fixtures::*;
     use crate::policy::sync::{FakePolicyMaps, PolicySyncer};
+    use crate::policy::{PolicyOp, PolicyWriteError, PolicyWriter};
+
+    /// Checks after every write that every endpoint's sets are complete (`known`: the new
+    /// and the old maps, which name the sets).
+    struct Checked<'a> {
+        maps: &'a mut FakePolicyMaps,
+        known: [&'a PolicyMaps; 2],
+    }
+
+    impl PolicyWriter for Checked<'_> {
+        fn apply_policy(&mut self, op: &PolicyOp) -> Result<(), PolicyWriteError> {
+            self.maps.apply_policy(op)?;
+            if let Err(e) = self.maps.check_sets_complete(&self.known) {
+                panic!("after {op:?}: {e}");
+            }
+            Ok(())
+        }
+    }
 
     fn input(w: &TestWorld) -> Input<'_> {
         Input {
@@ -762,11 +780,13 @@ mod tests {
                 keys.extend(apply(&mut w, c, &mut serial));
             }
             let by_key: HashMap<&ObjectKey, &Pod> = w.pods.iter().map(|p| (&p.key, p)).collect();
+            let before = state.maps().clone();
             let changes = state.update_pods(keys.iter().map(|k| (k, by_key.get(k).copied())));
             match changes {
                 Some(c) => {
                     incremental += 1;
-                    syncer.apply_changed(state.maps(), &c, &mut fake).expect("apply_changed");
+                    let mut checked = Checked { maps: &mut fake, known: [state.maps(), &before] };
+                    syncer.apply_changed(state.maps(), &c, &mut checked).expect("apply_changed");
                 }
                 None => {
                     state = PolicyState::build(&input(&w));

@@ -793,6 +793,36 @@ mod tests {
         assert!(f.ipcache.contains_key(&cidr("0.0.0.0/0")));
     }
 
+    #[test]
+    fn changed_keys_are_planned_alone_and_a_full_map_falls_back() {
+        let old = world(2, allow_web_to_db(80)).compute();
+        let new = world(3, allow_web_to_db(80)).compute();
+        let changed = PolicyChanges {
+            ipcache: new.ipcache.keys().chain(old.ipcache.keys()).copied().collect(),
+            endpoints: new.endpoints.keys().chain(old.endpoints.keys()).copied().collect(),
+            rules: new.rules.keys().chain(old.rules.keys()).copied().collect(),
+        };
+        let mut s = PolicySyncer::new();
+        let mut f = FakePolicyMaps::new();
+        s.apply(&old, &mut f).expect("apply");
+        let full = s.plan(&new);
+        assert_eq!(s.plan_changed(&new, &changed), Some(full), "every key listed: the same plan");
+        let none = PolicyChanges::default();
+        assert_eq!(s.plan_changed(&new, &none), Some(vec![]), "nothing listed, nothing planned");
+        s.apply_changed(&new, &changed, &mut f).expect("apply_changed");
+        f.check_matches(&new).expect("maps");
+        assert!(s.plan(&new).is_empty());
+
+        // No room for the new keys: a full apply, with its skips.
+        let cap = PolicyCapacity { ipcache: old.ipcache.len() as u32, ..PolicyCapacity::default() };
+        let mut s = PolicySyncer::with_capacity(cap);
+        let mut f = FakePolicyMaps::with_capacity(cap);
+        s.apply(&old, &mut f).expect("apply");
+        assert_eq!(s.plan_changed(&new, &changed), None);
+        let stats = s.apply_changed(&new, &changed, &mut f).expect("apply_changed");
+        assert_eq!(stats.skipped.ipcache, new.ipcache.len() - old.ipcache.len());
+    }
+
     fn two_worlds() -> impl Strategy<Value = (TestWorld, TestWorld)> {
         (crate::policy::compute::fixtures::world(), crate::policy::compute::fixtures::world())
     }
