@@ -10,7 +10,7 @@
 //! | 2 | `POLICY_CT_V4[fwd]` alive with my role bit, at the current revision | allow (established; no policy lookup) |
 //! | 3 | `POLICY_CT_V4[rev]` alive with the reply role bit, at the current revision | allow (reply) |
 //! | 4 | as 2 or 3 but verified at an older revision                     | the check is made again (my set; for a reply, my *other* set on the original tuple): allow -> entry re-stamped, deny -> role bit cleared, drop |
-//! | 5 | no local endpoint (`ENDPOINTS_V4` miss)                         | allow, nothing recorded |
+//! | 5 | no local endpoint (`ENDPOINTS_V4` miss; checked before rows 2 to 4, which it makes moot) | allow, nothing recorded |
 //! | 6 | endpoint not isolated in this direction (`SET_NONE`)            | allow, entry recorded (so replies are known if a policy appears later) |
 //! | 7 | `POLICY_V4[set, peer identity, proto, dport]`, then the same with `IDENTITY_ANY` | hit: allow + entry; miss: drop (`policy-denied`) |
 //!
@@ -198,6 +198,12 @@ struct Check {
 /// if allowed (it goes into an allow's flow event).
 #[inline(always)]
 pub fn check(hook: Hook, flow: &Flow, outcome: Reason) -> Result<(), Reason> {
+    let (local, peer) = hook.local_and_peer(flow.saddr, flow.daddr);
+    // Row 5 first: a pod the agent has not described has no policy and nothing recorded,
+    // whatever conntrack holds, so its packets skip the conntrack lookups.
+    if ENDPOINTS_V4.get_ptr(local).is_none() {
+        return Ok(());
+    }
     let now = ct::now();
     let cfg = POLICY_CONFIG.get(0).copied().unwrap_or_default();
     let fwd_key = PolicyCtKey {
@@ -208,7 +214,6 @@ pub fn check(hook: Hook, flow: &Flow, outcome: Reason) -> Result<(), Reason> {
         proto: flow.proto,
         _pad: [0; 3],
     };
-    let (local, peer) = hook.local_and_peer(flow.saddr, flow.daddr);
     let fwd = alive(POLICY_CT_V4.get_ptr_mut(fwd_key), now);
 
     // Which entry (if any) vouches for the packet, the bit it vouches with, and the check
