@@ -148,6 +148,19 @@ impl Flow {
         }
     }
 
+    /// This flow's `POLICY_CT_V4` key.
+    #[inline(always)]
+    pub fn ct_key(&self) -> PolicyCtKey {
+        PolicyCtKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
     /// The same flow seen from the other end (a reply's original direction).
     #[inline(always)]
     pub fn reversed(&self) -> Self {
@@ -206,14 +219,7 @@ pub fn check(hook: Hook, flow: &Flow, outcome: Reason) -> Result<(), Reason> {
     }
     let now = ct::now();
     let cfg = POLICY_CONFIG.get(0).copied().unwrap_or_default();
-    let fwd_key = PolicyCtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let fwd_key = flow.ct_key();
     let fwd = alive(POLICY_CT_V4.get_ptr_mut(fwd_key), now);
 
     // Which entry (if any) vouches for the packet, the bit it vouches with, and the check
@@ -262,14 +268,7 @@ pub fn check(hook: Hook, flow: &Flow, outcome: Reason) -> Result<(), Reason> {
 pub fn host(flow: &Flow) {
     let now = ct::now();
     let cfg = POLICY_CONFIG.get(0).copied().unwrap_or_default();
-    let key = PolicyCtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let key = flow.ct_key();
     let bits = PCT_F_INGRESS | PCT_F_HOST;
     if let Some(e) = alive(POLICY_CT_V4.get_ptr_mut(key), now) {
         // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
@@ -308,14 +307,7 @@ fn reply_entry(
     local: [u8; 4],
     now: u64,
 ) -> Option<(*mut PolicyCtValue, Check)> {
-    let rev_key = PolicyCtKey {
-        saddr: flow.daddr,
-        daddr: flow.saddr,
-        sport: flow.dport,
-        dport: flow.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let rev_key = flow.reversed().ct_key();
     let other_dir = if hook.dir() == DIR_EGRESS { DIR_INGRESS } else { DIR_EGRESS };
     if let Some(e) = alive(POLICY_CT_V4.get_ptr_mut(rev_key), now) {
         // SAFETY: see `alive`.
@@ -386,14 +378,7 @@ fn new_flow(
                 state,
                 _pad: [0; 2],
             };
-            let key = PolicyCtKey {
-                saddr: flow.saddr,
-                daddr: flow.daddr,
-                sport: flow.sport,
-                dport: flow.dport,
-                proto: flow.proto,
-                _pad: [0; 3],
-            };
+            let key = flow.ct_key();
             // A failed insert (cannot happen with an LRU) only costs a lookup next packet.
             let _ = POLICY_CT_V4.insert(key, value, 0);
         }
