@@ -664,25 +664,8 @@ mod tests {
     use crate::model::PodPhase;
     use crate::policy::PolicyProtocol;
     use crate::policy::compute::fixtures::*;
+    use crate::policy::sync::Checked;
     use crate::policy::sync::{FakePolicyMaps, PolicySyncer};
-    use crate::policy::{PolicyOp, PolicyWriteError, PolicyWriter};
-
-    /// Checks after every write that every endpoint's sets are complete (`known`: the new
-    /// and the old maps, which name the sets).
-    struct Checked<'a> {
-        maps: &'a mut FakePolicyMaps,
-        known: [&'a PolicyMaps; 2],
-    }
-
-    impl PolicyWriter for Checked<'_> {
-        fn apply_policy(&mut self, op: &PolicyOp) -> Result<(), PolicyWriteError> {
-            self.maps.apply_policy(op)?;
-            if let Err(e) = self.maps.check_sets_complete(&self.known) {
-                panic!("after {op:?}: {e}");
-            }
-            Ok(())
-        }
-    }
 
     fn input(w: &TestWorld) -> Input<'_> {
         Input {
@@ -785,7 +768,8 @@ mod tests {
             match changes {
                 Some(c) => {
                     incremental += 1;
-                    let mut checked = Checked { maps: &mut fake, known: [state.maps(), &before] };
+                    let mut checked =
+                        Checked { maps: &mut fake, known: vec![state.maps(), &before] };
                     syncer.apply_changed(state.maps(), &c, &mut checked).expect("apply_changed");
                 }
                 None => {

@@ -574,6 +574,25 @@ impl PolicyLookup for FakePolicyMaps {
     }
 }
 
+/// Applies ops to a fake and checks after every single one that every endpoint's sets are
+/// complete, with `known` naming the sets of the old and the new state.
+#[cfg(test)]
+pub(crate) struct Checked<'a> {
+    pub(crate) maps: &'a mut FakePolicyMaps,
+    pub(crate) known: Vec<&'a PolicyMaps>,
+}
+
+#[cfg(test)]
+impl PolicyWriter for Checked<'_> {
+    fn apply_policy(&mut self, op: &PolicyOp) -> Result<(), PolicyWriteError> {
+        self.maps.apply_policy(op)?;
+        if let Err(e) = self.maps.check_sets_complete(&self.known) {
+            panic!("after {op:?}: {e}");
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use nodeplane_common::maps::IPPROTO_TCP;
@@ -603,23 +622,6 @@ mod tests {
             all.push(pod("prod", &format!("web{i}"), &[("app", "web")], n, NODE));
         }
         TestWorld::new(all, policies)
-    }
-
-    /// Applies ops and checks after every single one that every endpoint's sets are
-    /// complete, with `known` naming the sets of the old and the new state.
-    struct Checked<'a> {
-        maps: &'a mut FakePolicyMaps,
-        known: Vec<&'a PolicyMaps>,
-    }
-
-    impl PolicyWriter for Checked<'_> {
-        fn apply_policy(&mut self, op: &PolicyOp) -> Result<(), PolicyWriteError> {
-            self.maps.apply_policy(op)?;
-            if let Err(e) = self.maps.check_sets_complete(&self.known) {
-                panic!("after {op:?}: {e}");
-            }
-            Ok(())
-        }
     }
 
     fn kind(op: &PolicyOp) -> &'static str {
