@@ -61,9 +61,16 @@ pub struct EndpointV4 {
     pub egress_set: u32,
     /// The pod's own identity (for flow events and `inspect`).
     pub identity: u32,
-    /// Reserved; written as 0.
+    /// `EP_F_*` bits.
     pub flags: u32,
 }
+
+/// The ingress set has entries for [`IDENTITY_ANY`]: a new flow that misses its peer's
+/// identity is looked up again with ANY. Without it the second lookup is skipped (it
+/// would miss), so a denied flow costs one trie walk, not two.
+pub const EP_F_INGRESS_ANY: u32 = 1;
+/// The same for the egress set.
+pub const EP_F_EGRESS_ANY: u32 = 2;
 const _: () = assert!(core::mem::size_of::<EndpointV4>() == 16);
 
 /// Key data of the `POLICY_V4` LPM trie. Fields are matched in this order, bit by bit, so

@@ -12,7 +12,7 @@
 //! | 4 | as 2 or 3 but verified at an older revision                     | the check is made again (my set; for a reply, my *other* set on the original tuple): allow -> entry re-stamped, deny -> role bit cleared, drop |
 //! | 5 | no local endpoint (`ENDPOINTS_V4` miss; checked before rows 2 to 4, which it makes moot) | allow, nothing recorded |
 //! | 6 | endpoint not isolated in this direction (`SET_NONE`)            | allow, entry recorded (so replies are known if a policy appears later) |
-//! | 7 | `POLICY_V4[set, peer identity, proto, dport]`, then the same with `IDENTITY_ANY` | hit: allow + entry; miss: drop (`policy-denied`) |
+//! | 7 | `POLICY_V4[set, peer identity, proto, dport]`, then the same with `IDENTITY_ANY` (only when the endpoint's `EP_F_*_ANY` flag says the set has such entries) | hit: allow + entry; miss: drop (`policy-denied`) |
 //!
 //! `fwd` is the packet's tuple, `rev` the same swapped. My role bit: `PCT_F_EGRESS` in
 //! `from_pod` (I am the original source), `PCT_F_INGRESS` in `to_pod`; the reply role bit
@@ -40,10 +40,11 @@ use nodeplane_common::{
     ct::TcpState,
     maps::{Counter, IPPROTO_TCP, IPPROTO_UDP},
     policy::{
-        DIR_EGRESS, DIR_INGRESS, EndpointV4, FlowEvent, FragKeyV4, FragValueV4, IDENTITY_ANY,
-        IDENTITY_UNSELECTED, PCT_F_EGRESS, PCT_F_HOST, PCT_F_INGRESS, POLICY_CFG_F_EVENTS,
-        POLICY_CFG_F_LOG_ALLOWED, PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyCtValue,
-        PolicyKey, SET_NONE, VERDICT_ALLOW, VERDICT_DENY,
+        DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ANY, EP_F_INGRESS_ANY, EndpointV4, FlowEvent,
+        FragKeyV4, FragValueV4, IDENTITY_ANY, IDENTITY_UNSELECTED, PCT_F_EGRESS, PCT_F_HOST,
+        PCT_F_INGRESS, POLICY_CFG_F_EVENTS, POLICY_CFG_F_LOG_ALLOWED, PolicyConfig,
+        PolicyCounterKey, PolicyCtKey, PolicyCtValue, PolicyKey, SET_NONE, VERDICT_ALLOW,
+        VERDICT_DENY,
     },
     reason::Reason,
 };
@@ -102,6 +103,13 @@ impl Hook {
             Self::ToPod => (daddr, saddr),
         }
     }
+}
+
+/// Whether the endpoint's set in direction `dir` has `IDENTITY_ANY` entries.
+#[inline(always)]
+fn any_of(ep: &EndpointV4, dir: u8) -> bool {
+    let bit = if dir == DIR_EGRESS { EP_F_EGRESS_ANY } else { EP_F_INGRESS_ANY };
+    ep.flags & bit != 0
 }
 
 /// Which set of an endpoint applies to a check in direction `dir`.
@@ -349,7 +357,7 @@ fn new_flow(
         return Ok(());
     };
     let set = set_of(&ep, dir);
-    let j = lookup(set, peer, flow.proto, flow.dport);
+    let j = lookup(set, any_of(&ep, dir), peer, flow.proto, flow.dport);
     if !j.allowed {
         count(set, VERDICT_DENY, dir, flow.len);
         event(flow, dir, VERDICT_DENY, Reason::DropPolicy, set, 0, j.identity);
@@ -407,12 +415,14 @@ fn judge(check: &Check) -> Judged {
         return Judged { judgement: Judgement { allowed: true, rule: 0, identity: 0 }, set: 0 };
     };
     let set = set_of(&ep, check.dir);
-    Judged { judgement: lookup(set, check.peer, check.proto, check.dport), set }
+    let any = any_of(&ep, check.dir);
+    Judged { judgement: lookup(set, any, check.peer, check.proto, check.dport), set }
 }
 
-/// Rows 6 and 7: `POLICY_V4` for `set` and the identity of `peer`, then for any peer.
+/// Rows 6 and 7: `POLICY_V4` for `set` and the identity of `peer`, then (if the set has
+/// entries for any peer: `any`) for any peer.
 #[inline(always)]
-fn lookup(set: u32, peer: [u8; 4], proto: u8, dport: [u8; 2]) -> Judgement {
+fn lookup(set: u32, any: bool, peer: [u8; 4], proto: u8, dport: [u8; 2]) -> Judgement {
     if set == SET_NONE {
         return Judgement { allowed: true, rule: 0, identity: 0 };
     }
@@ -429,6 +439,7 @@ fn lookup(set: u32, peer: [u8; 4], proto: u8, dport: [u8; 2]) -> Judgement {
     );
     let hit = match POLICY_V4.get(&key).copied() {
         Some(v) => Some(v),
+        None if !any => None,
         None => {
             key.data.identity = IDENTITY_ANY.to_be_bytes();
             POLICY_V4.get(&key).copied()

@@ -19,10 +19,11 @@ use nodeplane_common::{
         ServiceKeyV4, ServiceValue, SlotKey, names,
     },
     policy::{
-        DIR_EGRESS, DIR_INGRESS, EndpointV4, FlowEvent, IDENTITY_ANY, IDENTITY_UNSELECTED,
-        IPPROTO_ICMP, IPPROTO_SCTP, PCT_F_EGRESS, PCT_F_HOST, PCT_F_INGRESS, POLICY_CFG_F_EVENTS,
-        POLICY_CFG_F_LOG_ALLOWED, PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyKey,
-        PolicyValue, SET_NONE, VERDICT_ALLOW, VERDICT_DENY,
+        DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ANY, EP_F_INGRESS_ANY, EndpointV4, FlowEvent,
+        IDENTITY_ANY, IDENTITY_UNSELECTED, IPPROTO_ICMP, IPPROTO_SCTP, PCT_F_EGRESS, PCT_F_HOST,
+        PCT_F_INGRESS, POLICY_CFG_F_EVENTS, POLICY_CFG_F_LOG_ALLOWED, PolicyConfig,
+        PolicyCounterKey, PolicyCtKey, PolicyKey, PolicyValue, SET_NONE, VERDICT_ALLOW,
+        VERDICT_DENY,
     },
     reason::Reason,
 };
@@ -74,8 +75,10 @@ fn cidr(addr: Ipv4Addr, len: u8) -> Ipv4Cidr {
     Ipv4Cidr::new(addr, len).unwrap_or_else(|| panic!("bad fixture cidr {addr}/{len}"))
 }
 
+/// An endpoint whose sets may have `IDENTITY_ANY` entries (both `EP_F_*_ANY` flags set).
 fn endpoint(dp: &mut Datapath, addr: Ipv4Addr, ingress_set: u32, egress_set: u32, identity: u32) {
-    let value = EndpointV4 { ingress_set, egress_set, identity, flags: 0 };
+    let flags = EP_F_INGRESS_ANY | EP_F_EGRESS_ANY;
+    let value = EndpointV4 { ingress_set, egress_set, identity, flags };
     policy(dp, PolicyOp::PutEndpoint { addr, value });
 }
 
@@ -301,6 +304,13 @@ fn identity_any_allows_every_peer_even_outside_the_ipcache() {
     let events = drain(&mut ring);
     let outside = events.iter().find(|e| e.saddr == OUTSIDE.octets()).expect("event of OUTSIDE");
     assert_eq!(outside.peer_identity, IDENTITY_UNSELECTED);
+
+    // The agent clears EP_F_INGRESS_ANY for sets without ANY entries; the datapath then
+    // skips that lookup, so an ANY entry written anyway is not consulted.
+    let value =
+        EndpointV4 { ingress_set: SET_B_IN, egress_set: SET_NONE, identity: ID_B, flags: 0 };
+    policy(&mut dp, PolicyOp::PutEndpoint { addr: B, value });
+    to_pod(&mut dp, &tcp((PEER, 40001), (B, 80)), TC_ACT_SHOT, Reason::DropPolicy);
 }
 
 #[test]

@@ -71,8 +71,8 @@ use std::{
 };
 
 use nodeplane_common::policy::{
-    DIR_EGRESS, DIR_INGRESS, EndpointV4, IDENTITY_ANY, IDENTITY_FIRST_DYNAMIC, IDENTITY_UNSELECTED,
-    PolicyKey, PolicyValue, SET_NONE,
+    DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ANY, EP_F_INGRESS_ANY, EndpointV4, IDENTITY_ANY,
+    IDENTITY_FIRST_DYNAMIC, IDENTITY_UNSELECTED, PolicyKey, PolicyValue, SET_NONE,
 };
 
 use super::lpm::{self, covers, ipv4_lookup, mask_policy_key, policy_lookup, port_blocks};
@@ -714,13 +714,14 @@ impl<'a> World<'a> {
         let local_sets = local.iter().map(|(ip, _, sets)| (*ip, *sets)).collect();
         for (ip, identity, sets) in local {
             let set = |s: Option<usize>| s.map_or(SET_NONE, |i| set_ids[i]);
+            let content = |s: Option<usize>| s.map(|i| &contents[i]);
             maps.endpoints.insert(
                 ip,
                 EndpointV4 {
                     ingress_set: set(sets[0]),
                     egress_set: set(sets[1]),
                     identity,
-                    flags: 0,
+                    flags: endpoint_flags(content(sets[0]), content(sets[1])),
                 },
             );
         }
@@ -908,6 +909,22 @@ pub(super) struct SetInput {
 
 /// (identity, proto, port, prefix length): an entry of a set before it has an id.
 pub(super) type EntryKey = (u32, u8, u16, u32);
+
+/// `EndpointV4::flags` of a pod with these ingress and egress sets: which of them has
+/// entries for [`IDENTITY_ANY`] (the datapath skips the ANY lookup for the others).
+pub(super) fn endpoint_flags(ingress: Option<&SetContent>, egress: Option<&SetContent>) -> u32 {
+    let has_any = |c: Option<&SetContent>| {
+        c.is_some_and(|c| c.entries.keys().any(|(identity, ..)| *identity == IDENTITY_ANY))
+    };
+    let mut flags = 0;
+    if has_any(ingress) {
+        flags |= EP_F_INGRESS_ANY;
+    }
+    if has_any(egress) {
+        flags |= EP_F_EGRESS_ANY;
+    }
+    flags
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SetContent {

@@ -43,8 +43,8 @@ use nodeplane_common::policy::{
 
 use super::compute::{
     self, Direction, Input, NamedPort, PeerRef, PolicyMaps, RuleIdx, SetContent, SetCtx, SetInput,
-    Signature, claims_before, eligible, encode_identity, encode_rules, encode_set, fnv1a64,
-    pod_namespace, rule_ref, set_content, set_input, set_name,
+    Signature, claims_before, eligible, encode_identity, encode_rules, encode_set, endpoint_flags,
+    fnv1a64, pod_namespace, rule_ref, set_content, set_input, set_name,
 };
 use super::lpm::{self, mask_policy_key};
 use super::sync::PolicyChanges;
@@ -460,17 +460,18 @@ impl PolicyState {
         }
         for ip in &self.local {
             let l = &self.live[ip];
-            let set = |s: &Option<SetInput>| {
-                s.as_ref()
-                    .and_then(|k| self.sets.get(k)?.built.as_ref())
-                    .map_or(SET_NONE, |(_, id)| *id)
-            };
+            let built =
+                |s: &Option<SetInput>| s.as_ref().and_then(|k| self.sets.get(k)?.built.as_ref());
+            let set = |s: &Option<SetInput>| built(s).map_or(SET_NONE, |(_, id)| *id);
             let sets = l.sets.as_ref()?;
             let ep = EndpointV4 {
                 ingress_set: set(&sets[0]),
                 egress_set: set(&sets[1]),
                 identity: self.sigs[&l.sig].id,
-                flags: 0,
+                flags: endpoint_flags(
+                    built(&sets[0]).map(|(c, _)| c),
+                    built(&sets[1]).map(|(c, _)| c),
+                ),
             };
             if self.maps.endpoints.insert(*ip, ep) != Some(ep) {
                 t.changes.endpoints.insert(*ip);
