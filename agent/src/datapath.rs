@@ -70,6 +70,8 @@ pub struct Maps {
     pub endpoints: HashMap<MapData, [u8; 4], EndpointV4>,
     /// `(set, identity, proto, port)` prefixes -> the allowing rule.
     pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    /// The full-length policy entries (`POLICY_EXACT_V4`); `PolicyWriter` routes them here.
+    pub policy_exact: HashMap<MapData, PolicyKey, PolicyValue>,
     /// One element: revision and flags.
     pub policy_config: Array<MapData, PolicyConfig>,
     /// The datapath's policy conntrack (an LRU; read here for `inspect` and tests).
@@ -118,6 +120,7 @@ impl Datapath {
             ipcache: take_map(&mut ebpf, names::IPCACHE_V4)?,
             endpoints: take_map(&mut ebpf, names::ENDPOINTS_V4)?,
             policy: take_map(&mut ebpf, names::POLICY_V4)?,
+            policy_exact: take_map(&mut ebpf, names::POLICY_EXACT_V4)?,
             policy_config: take_map(&mut ebpf, names::POLICY_CONFIG)?,
             policy_ct: take_map(&mut ebpf, names::POLICY_CT_V4)?,
             frags: take_map(&mut ebpf, names::FRAGS_V4)?,
@@ -395,6 +398,16 @@ impl PolicyWriter for Maps {
             PolicyOp::DelIpcache { cidr } => self.ipcache.remove(&ipcache_key(cidr)),
             PolicyOp::PutEndpoint { addr, value } => self.endpoints.insert(addr.octets(), value, 0),
             PolicyOp::DelEndpoint { addr } => self.endpoints.remove(&addr.octets()),
+            // Full-length entries go to the hash, shorter prefixes to the trie; the datapath
+            // asks the hash first (an exact entry is the longest match there can be).
+            PolicyOp::PutRule { key, prefix_len, value }
+                if *prefix_len == PolicyKey::PREFIX_FULL =>
+            {
+                self.policy_exact.insert(key, value, 0)
+            }
+            PolicyOp::DelRule { key, prefix_len } if *prefix_len == PolicyKey::PREFIX_FULL => {
+                self.policy_exact.remove(key)
+            }
             PolicyOp::PutRule { key, prefix_len, value } => {
                 self.policy.insert(&Key::new(*prefix_len, *key), value, 0)
             }

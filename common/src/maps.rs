@@ -164,6 +164,8 @@ pub mod names {
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     pub const ENDPOINTS_V4: &str = "ENDPOINTS_V4";
     pub const POLICY_V4: &str = "POLICY_V4";
+    /// The exact (full-prefix) entries of the policy, as a hash: O(1) whatever its size.
+    pub const POLICY_EXACT_V4: &str = "POLICY_EXACT_V4";
     pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
     pub const POLICY_CT_V4: &str = "POLICY_CT_V4";
     pub const FRAGS_V4: &str = "FRAGS_V4";

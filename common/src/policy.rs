@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! peer IP ──IPCACHE_V4 (LPM)──► peer identity ─┐
-//! local pod IP ──ENDPOINTS_V4──► policy set ───┼─► POLICY_V4 (LPM on set, identity, proto, port) ─► allow + rule id
-//!                                              └─► POLICY_V4 with identity ANY                     ─► allow + rule id
+//! local pod IP ──ENDPOINTS_V4──► policy set ───┼─► POLICY_EXACT_V4 (hash), then POLICY_V4 (LPM on set, identity, proto, port) ─► allow + rule id
+//!                                              └─► the same with identity ANY                                                ─► allow + rule id
 //! ```
 //!
 //! An *identity* is an equivalence class of peer addresses: two addresses share one when
@@ -71,6 +71,12 @@ pub struct EndpointV4 {
 pub const EP_F_INGRESS_ANY: u32 = 1;
 /// The same for the egress set.
 pub const EP_F_EGRESS_ANY: u32 = 2;
+/// The ingress set has entries shorter than [`PolicyKey::PREFIX_FULL`] (ports ranges,
+/// protocol or rule wildcards), which live in the `POLICY_V4` trie; exact entries live in
+/// the `POLICY_EXACT_V4` hash. Without it the trie is not walked.
+pub const EP_F_INGRESS_LPM: u32 = 4;
+/// The same for the egress set.
+pub const EP_F_EGRESS_LPM: u32 = 8;
 const _: () = assert!(core::mem::size_of::<EndpointV4>() == 16);
 
 /// Key data of the `POLICY_V4` LPM trie. Fields are matched in this order, bit by bit, so

@@ -52,11 +52,18 @@ pub static IPCACHE_V4: LpmTrie<IpcacheKeyV4, u32> =
 #[map]
 pub static ENDPOINTS_V4: HashMap<[u8; 4], EndpointV4> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
-/// `(set, peer identity, proto, port)` -> the rule allowing it; shorter prefixes are
-/// wildcards (see `PolicyKey`). Every entry allows. Written by the agent.
+/// `(set, peer identity, proto, port)` prefixes shorter than the full key -> the rule
+/// allowing them: port ranges, protocol and rule wildcards (see `PolicyKey`). Every entry
+/// allows. Written by the agent.
 #[map]
 pub static POLICY_V4: LpmTrie<PolicyKey, PolicyValue> =
     LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The full-length entries of the same policy (one port): a hash lookup, whatever the
+/// number of entries, so the common rule costs the same at 1 or 1,000 policies.
+#[map]
+pub static POLICY_EXACT_V4: HashMap<PolicyKey, PolicyValue> =
+    HashMap::with_max_entries(MAX_POLICY_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// One element: the policy revision and flags. Written by the agent after every change.
 #[map]

@@ -12,7 +12,7 @@
 //! | 4 | as 2 or 3 but verified at an older revision                     | the check is made again (my set; for a reply, my *other* set on the original tuple): allow -> entry re-stamped, deny -> role bit cleared, drop |
 //! | 5 | no local endpoint (`ENDPOINTS_V4` miss; checked before rows 2 to 4, which it makes moot) | allow, nothing recorded |
 //! | 6 | endpoint not isolated in this direction (`SET_NONE`)            | allow, entry recorded (so replies are known if a policy appears later) |
-//! | 7 | `POLICY_V4[set, peer identity, proto, dport]`, then the same with `IDENTITY_ANY` (only when the endpoint's `EP_F_*_ANY` flag says the set has such entries) | hit: allow + entry; miss: drop (`policy-denied`) |
+//! | 7 | `(set, peer identity, proto, dport)`: `POLICY_EXACT_V4` (hash), then the `POLICY_V4` trie (only if the endpoint's `EP_F_*_LPM` says the set has shorter entries); then the same with `IDENTITY_ANY` (only if `EP_F_*_ANY`) | hit: allow + entry; miss: drop (`policy-denied`) |
 //!
 //! `fwd` is the packet's tuple, `rev` the same swapped. My role bit: `PCT_F_EGRESS` in
 //! `from_pod` (I am the original source), `PCT_F_INGRESS` in `to_pod`; the reply role bit
@@ -40,11 +40,11 @@ use nodeplane_common::{
     ct::TcpState,
     maps::{Counter, IPPROTO_TCP, IPPROTO_UDP},
     policy::{
-        DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ANY, EP_F_INGRESS_ANY, EndpointV4, FlowEvent,
-        FragKeyV4, FragValueV4, IDENTITY_ANY, IDENTITY_UNSELECTED, PCT_F_EGRESS, PCT_F_HOST,
-        PCT_F_INGRESS, POLICY_CFG_F_EVENTS, POLICY_CFG_F_LOG_ALLOWED, PolicyConfig,
-        PolicyCounterKey, PolicyCtKey, PolicyCtValue, PolicyKey, SET_NONE, VERDICT_ALLOW,
-        VERDICT_DENY,
+        DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ANY, EP_F_EGRESS_LPM, EP_F_INGRESS_ANY,
+        EP_F_INGRESS_LPM, EndpointV4, FlowEvent, FragKeyV4, FragValueV4, IDENTITY_ANY,
+        IDENTITY_UNSELECTED, PCT_F_EGRESS, PCT_F_HOST, PCT_F_INGRESS, POLICY_CFG_F_EVENTS,
+        POLICY_CFG_F_LOG_ALLOWED, PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyCtValue,
+        PolicyKey, PolicyValue, SET_NONE, VERDICT_ALLOW, VERDICT_DENY,
     },
     reason::Reason,
 };
@@ -53,7 +53,7 @@ use crate::{
     ct,
     maps::{
         ENDPOINTS_V4, FLOW_EVENT_COUNTERS, FLOW_EVENTS, FRAGS_V4, IPCACHE_V4, POLICY_CONFIG,
-        POLICY_COUNTERS, POLICY_CT_V4, POLICY_V4,
+        POLICY_COUNTERS, POLICY_CT_V4, POLICY_EXACT_V4, POLICY_V4,
     },
     parse::{Frag, Packet},
 };
@@ -105,11 +105,23 @@ impl Hook {
     }
 }
 
-/// Whether the endpoint's set in direction `dir` has `IDENTITY_ANY` entries.
+/// Which lookups the endpoint's set in direction `dir` needs (its `EP_F_*` flags).
 #[inline(always)]
-fn any_of(ep: &EndpointV4, dir: u8) -> bool {
-    let bit = if dir == DIR_EGRESS { EP_F_EGRESS_ANY } else { EP_F_INGRESS_ANY };
-    ep.flags & bit != 0
+fn lookup_of(ep: &EndpointV4, dir: u8) -> Lookup {
+    let (any, lpm) = if dir == DIR_EGRESS {
+        (EP_F_EGRESS_ANY, EP_F_EGRESS_LPM)
+    } else {
+        (EP_F_INGRESS_ANY, EP_F_INGRESS_LPM)
+    };
+    Lookup { any: ep.flags & any != 0, lpm: ep.flags & lpm != 0 }
+}
+
+/// Which lookups a set needs: for `IDENTITY_ANY` (it has such entries), in the trie (it has
+/// entries shorter than the full key).
+#[derive(Clone, Copy)]
+struct Lookup {
+    any: bool,
+    lpm: bool,
 }
 
 /// Which set of an endpoint applies to a check in direction `dir`.
@@ -357,7 +369,7 @@ fn new_flow(
         return Ok(());
     };
     let set = set_of(&ep, dir);
-    let j = lookup(set, any_of(&ep, dir), peer, flow.proto, flow.dport);
+    let j = lookup(set, lookup_of(&ep, dir), peer, flow.proto, flow.dport);
     if !j.allowed {
         count(set, VERDICT_DENY, dir, flow.len);
         event(flow, dir, VERDICT_DENY, Reason::DropPolicy, set, 0, j.identity);
@@ -415,40 +427,50 @@ fn judge(check: &Check) -> Judged {
         return Judged { judgement: Judgement { allowed: true, rule: 0, identity: 0 }, set: 0 };
     };
     let set = set_of(&ep, check.dir);
-    let any = any_of(&ep, check.dir);
-    Judged { judgement: lookup(set, any, check.peer, check.proto, check.dport), set }
+    let how = lookup_of(&ep, check.dir);
+    Judged { judgement: lookup(set, how, check.peer, check.proto, check.dport), set }
 }
 
 /// Rows 6 and 7: `POLICY_V4` for `set` and the identity of `peer`, then (if the set has
 /// entries for any peer: `any`) for any peer.
 #[inline(always)]
-fn lookup(set: u32, any: bool, peer: [u8; 4], proto: u8, dport: [u8; 2]) -> Judgement {
+fn lookup(set: u32, how: Lookup, peer: [u8; 4], proto: u8, dport: [u8; 2]) -> Judgement {
     if set == SET_NONE {
         return Judgement { allowed: true, rule: 0, identity: 0 };
     }
     let identity = identity_of(peer);
-    let mut key = aya_ebpf::maps::lpm_trie::Key::new(
-        PolicyKey::PREFIX_FULL,
-        PolicyKey {
-            set: set.to_be_bytes(),
-            identity: identity.to_be_bytes(),
-            proto,
-            port: dport,
-            _pad: 0,
-        },
-    );
-    let hit = match POLICY_V4.get(&key).copied() {
-        Some(v) => Some(v),
-        None if !any => None,
-        None => {
-            key.data.identity = IDENTITY_ANY.to_be_bytes();
-            POLICY_V4.get(&key).copied()
-        }
+    let mut key = PolicyKey {
+        set: set.to_be_bytes(),
+        identity: identity.to_be_bytes(),
+        proto,
+        port: dport,
+        _pad: 0,
     };
+    let mut hit = entry(&key, how.lpm);
+    if hit.is_none() && how.any {
+        key.identity = IDENTITY_ANY.to_be_bytes();
+        hit = entry(&key, how.lpm);
+    }
     match hit {
         Some(v) => Judgement { allowed: true, rule: v.rule, identity },
         None => Judgement { allowed: false, rule: 0, identity },
     }
+}
+
+/// The entry allowing `key`: the exact one (a hash lookup), else the longest shorter prefix
+/// in the trie when the set has any (`lpm`). Exact entries are the longest possible match,
+/// so this is what one longest-prefix match over both maps would answer.
+#[inline(always)]
+fn entry(key: &PolicyKey, lpm: bool) -> Option<PolicyValue> {
+    // SAFETY: plain-data value copied out at once.
+    if let Some(v) = unsafe { POLICY_EXACT_V4.get(key) } {
+        return Some(*v);
+    }
+    if !lpm {
+        return None;
+    }
+    let key = aya_ebpf::maps::lpm_trie::Key::new(PolicyKey::PREFIX_FULL, *key);
+    POLICY_V4.get(&key).copied()
 }
 
 /// The identity of `addr` (longest `IPCACHE_V4` prefix), `IDENTITY_UNSELECTED` if none.

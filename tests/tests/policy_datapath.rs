@@ -19,11 +19,11 @@ use nodeplane_common::{
         ServiceKeyV4, ServiceValue, SlotKey, names,
     },
     policy::{
-        DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ANY, EP_F_INGRESS_ANY, EndpointV4, FlowEvent,
-        IDENTITY_ANY, IDENTITY_UNSELECTED, IPPROTO_ICMP, IPPROTO_SCTP, PCT_F_EGRESS, PCT_F_HOST,
-        PCT_F_INGRESS, POLICY_CFG_F_EVENTS, POLICY_CFG_F_LOG_ALLOWED, PolicyConfig,
-        PolicyCounterKey, PolicyCtKey, PolicyKey, PolicyValue, SET_NONE, VERDICT_ALLOW,
-        VERDICT_DENY,
+        DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ANY, EP_F_EGRESS_LPM, EP_F_INGRESS_ANY,
+        EP_F_INGRESS_LPM, EndpointV4, FlowEvent, IDENTITY_ANY, IDENTITY_UNSELECTED, IPPROTO_ICMP,
+        IPPROTO_SCTP, PCT_F_EGRESS, PCT_F_HOST, PCT_F_INGRESS, POLICY_CFG_F_EVENTS,
+        POLICY_CFG_F_LOG_ALLOWED, PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyKey,
+        PolicyValue, SET_NONE, VERDICT_ALLOW, VERDICT_DENY,
     },
     reason::Reason,
 };
@@ -75,9 +75,10 @@ fn cidr(addr: Ipv4Addr, len: u8) -> Ipv4Cidr {
     Ipv4Cidr::new(addr, len).unwrap_or_else(|| panic!("bad fixture cidr {addr}/{len}"))
 }
 
-/// An endpoint whose sets may have `IDENTITY_ANY` entries (both `EP_F_*_ANY` flags set).
+/// An endpoint whose sets may have `IDENTITY_ANY` and shorter-prefix entries (every
+/// `EP_F_*` lookup flag set).
 fn endpoint(dp: &mut Datapath, addr: Ipv4Addr, ingress_set: u32, egress_set: u32, identity: u32) {
-    let flags = EP_F_INGRESS_ANY | EP_F_EGRESS_ANY;
+    let flags = EP_F_INGRESS_ANY | EP_F_EGRESS_ANY | EP_F_INGRESS_LPM | EP_F_EGRESS_LPM;
     let value = EndpointV4 { ingress_set, egress_set, identity, flags };
     policy(dp, PolicyOp::PutEndpoint { addr, value });
 }

@@ -42,7 +42,7 @@ use nodeplane_agent::{
 };
 use nodeplane_common::{
     maps::{IPPROTO_TCP, IPPROTO_UDP, names},
-    policy::{IPPROTO_ICMP, IPPROTO_SCTP, PolicyCtKey},
+    policy::{IPPROTO_ICMP, IPPROTO_SCTP, PolicyCtKey, PolicyKey},
     reason::Reason,
 };
 use nodeplane_tests::{
@@ -223,6 +223,14 @@ fn check_kernel_maps(dp: &mut Datapath, m: &PolicyMaps) -> Result<(), String> {
     for entry in maps.policy.iter() {
         let (k, v) = entry.map_err(|e| format!("policy iter: {e}"))?;
         rules.insert((k.data(), k.prefix_len()), v);
+    }
+    // Full-length entries live in the exact hash; the trie must hold none of them.
+    if let Some(((k, _), _)) = rules.iter().find(|((_, len), _)| *len == PolicyKey::PREFIX_FULL) {
+        return Err(format!("a full-length entry {k:?} is in the POLICY_V4 trie"));
+    }
+    for entry in maps.policy_exact.iter() {
+        let (k, v) = entry.map_err(|e| format!("policy exact iter: {e}"))?;
+        rules.insert((k, PolicyKey::PREFIX_FULL), v);
     }
     if rules != m.rules {
         let extra: Vec<_> = rules.keys().filter(|k| !m.rules.contains_key(k)).collect();

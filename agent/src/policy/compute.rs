@@ -71,8 +71,9 @@ use std::{
 };
 
 use nodeplane_common::policy::{
-    DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ANY, EP_F_INGRESS_ANY, EndpointV4, IDENTITY_ANY,
-    IDENTITY_FIRST_DYNAMIC, IDENTITY_UNSELECTED, PolicyKey, PolicyValue, SET_NONE,
+    DIR_EGRESS, DIR_INGRESS, EP_F_EGRESS_ANY, EP_F_EGRESS_LPM, EP_F_INGRESS_ANY, EP_F_INGRESS_LPM,
+    EndpointV4, IDENTITY_ANY, IDENTITY_FIRST_DYNAMIC, IDENTITY_UNSELECTED, PolicyKey, PolicyValue,
+    SET_NONE,
 };
 
 use super::lpm::{self, covers, ipv4_lookup, mask_policy_key, policy_lookup, port_blocks};
@@ -911,17 +912,24 @@ pub(super) struct SetInput {
 pub(super) type EntryKey = (u32, u8, u16, u32);
 
 /// `EndpointV4::flags` of a pod with these ingress and egress sets: which of them has
-/// entries for [`IDENTITY_ANY`] (the datapath skips the ANY lookup for the others).
+/// entries for [`IDENTITY_ANY`], and which has entries shorter than the full key (in the
+/// trie); the datapath skips the lookups a set cannot hit.
 pub(super) fn endpoint_flags(ingress: Option<&SetContent>, egress: Option<&SetContent>) -> u32 {
-    let has_any = |c: Option<&SetContent>| {
-        c.is_some_and(|c| c.entries.keys().any(|(identity, ..)| *identity == IDENTITY_ANY))
+    let has = |c: Option<&SetContent>, f: fn(&EntryKey) -> bool| {
+        c.is_some_and(|c| c.entries.keys().any(f))
     };
+    let any = |k: &EntryKey| k.0 == IDENTITY_ANY;
+    let lpm = |k: &EntryKey| k.3 < PolicyKey::PREFIX_FULL;
     let mut flags = 0;
-    if has_any(ingress) {
-        flags |= EP_F_INGRESS_ANY;
-    }
-    if has_any(egress) {
-        flags |= EP_F_EGRESS_ANY;
+    for (set, any_bit, lpm_bit) in
+        [(ingress, EP_F_INGRESS_ANY, EP_F_INGRESS_LPM), (egress, EP_F_EGRESS_ANY, EP_F_EGRESS_LPM)]
+    {
+        if has(set, any) {
+            flags |= any_bit;
+        }
+        if has(set, lpm) {
+            flags |= lpm_bit;
+        }
     }
     flags
 }
