@@ -20,7 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
@@ -45,7 +44,7 @@ use serde_json::{Value, json};
 use crate::{
     bench_agent::ip,
     packet::{Frame, TCP_ACK, TCP_SYN},
-    run::{TC_ACT_OK, TC_ACT_SHOT},
+    run::{Series, TC_ACT_OK, TC_ACT_SHOT, timed},
 };
 
 pub const NAMESPACES: u32 = 100;
@@ -61,10 +60,6 @@ const RELABELS: usize = 10;
 /// An ifindex for `__sk_buff.ingress_ifindex`: `to_pod` skips its ingress check for 0
 /// (a packet generated on this node), so every sample says it was forwarded.
 const FORWARDED: u32 = 3;
-/// Offset of `ingress_ifindex` in `struct __sk_buff` and the context prefix passed (as in
-/// `run::run_once_from`).
-const SKB_INGRESS_IFINDEX_OFF: usize = 36;
-const SKB_CTX_LEN: usize = 44;
 
 const TIERS: [&str; 3] = ["frontend", "backend", "db"];
 const ENVS: [&str; 3] = ["prod", "staging", "dev"];
@@ -468,20 +463,12 @@ fn flows(worlds: &[&Programmed]) -> [Flows; 2] {
     [to_pod, from_pod]
 }
 
-#[derive(Default)]
-struct Series(Vec<u64>);
+/// `median / mean` of a cell.
+trait Cell {
+    fn cell(&self) -> String;
+}
 
-impl Series {
-    fn median(&self) -> u64 {
-        let mut v = self.0.clone();
-        v.sort_unstable();
-        v.get(v.len() / 2).copied().unwrap_or(0)
-    }
-
-    fn mean(&self) -> f64 {
-        self.0.iter().sum::<u64>() as f64 / self.0.len().max(1) as f64
-    }
-
+impl Cell for Series {
     fn cell(&self) -> String {
         format!("{:>6} / {:>6.1}", self.median(), self.mean())
     }
@@ -499,20 +486,9 @@ struct Cells {
 /// One sample: the program on `frame` as a packet forwarded from [`FORWARDED`]; checks
 /// the tc action.
 fn run_ns(dp: &Datapath, program: &str, frame: &[u8], action: u32, out: &mut [u8]) -> u64 {
-    let mut ctx = [0u8; SKB_CTX_LEN];
-    ctx[SKB_INGRESS_IFINDEX_OFF..SKB_INGRESS_IFINDEX_OFF + 4]
-        .copy_from_slice(&FORWARDED.to_ne_bytes());
-    let r = dp
-        .program_named(program)
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
-    assert_eq!(r.return_value, action, "{program}: tc action for {frame:02x?}");
-    r.duration.as_nanos() as u64
+    let (got, ns) = timed(dp, program, frame, Some(FORWARDED), out);
+    assert_eq!(got, action, "{program}: tc action for {frame:02x?}");
+    ns
 }
 
 /// Source ports of new flows: a fresh one per sample, so every SYN misses conntrack (the

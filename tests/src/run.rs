@@ -35,10 +35,54 @@ pub fn run_once_on(dp: &Datapath, program: &str, frame: &[u8]) -> Outcome {
 /// [`run_once_on`] with `__sk_buff.ingress_ifindex` set, as on a packet forwarded from the
 /// interface with that index (0: generated on this node).
 pub fn run_once_from(dp: &Datapath, program: &str, frame: &[u8], ingress_ifindex: u32) -> Outcome {
+    run(dp, program, frame, Some(&skb_ctx(ingress_ifindex)))
+}
+
+/// The `ctx_in` of a packet forwarded from interface `ingress_ifindex`.
+fn skb_ctx(ingress_ifindex: u32) -> [u8; SKB_CTX_LEN] {
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_INGRESS_IFINDEX_OFF..SKB_INGRESS_IFINDEX_OFF + 4]
         .copy_from_slice(&ingress_ifindex.to_ne_bytes());
-    run(dp, program, frame, Some(&ctx))
+    ctx
+}
+
+/// One timed run for the benchmarks: the tc action and the program's run time in ns as the
+/// kernel measured it. `ingress_ifindex` as in [`run_once_from`]; `None` passes no context.
+/// `out` receives the frame (no allocation per sample).
+pub fn timed(
+    dp: &Datapath,
+    program: &str,
+    frame: &[u8],
+    ingress_ifindex: Option<u32>,
+    out: &mut [u8],
+) -> (u32, u64) {
+    let ctx = ingress_ifindex.map(skb_ctx);
+    let r = dp
+        .program_named(program)
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(out),
+            ctx_in: ctx.as_ref().map(|c| c.as_slice()),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {program}: {e}"));
+    (r.return_value, r.duration.as_nanos() as u64)
+}
+
+/// Samples of one benchmark cell, in nanoseconds.
+#[derive(Default)]
+pub struct Series(pub Vec<u64>);
+
+impl Series {
+    pub fn median(&self) -> u64 {
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    }
+
+    pub fn mean(&self) -> f64 {
+        self.0.iter().sum::<u64>() as f64 / self.0.len().max(1) as f64
+    }
 }
 
 fn run(dp: &Datapath, program: &str, frame: &[u8], ctx_in: Option<&[u8]>) -> Outcome {

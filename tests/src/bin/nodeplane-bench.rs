@@ -15,17 +15,17 @@
 //! measured interleaved, in one process, so machine noise hits them alike.
 use std::{net::Ipv4Addr, time::Instant};
 
-use aya::programs::{TestRun, TestRunOptions};
 use nodeplane_agent::{
     datapath::Datapath,
     sync::{MapWriter, Op},
 };
 use nodeplane_common::maps::{
-    BackendV4, IPPROTO_TCP, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey,
+    BackendV4, IPPROTO_TCP, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey, names,
 };
 use nodeplane_tests::{
     bench_api::Parts,
     packet::{Frame, TCP_ACK, TCP_SYN},
+    run::{Series, timed},
 };
 
 const SAMPLES: usize = 20_000;
@@ -67,29 +67,7 @@ fn populate(dp: &mut Datapath, services: u32, endpoints: u32) {
 }
 
 fn run_ns(dp: &Datapath, frame: &[u8], out: &mut [u8]) -> u64 {
-    let r = dp
-        .program()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(out),
-            ..TestRunOptions::default()
-        })
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
-    r.duration.as_nanos() as u64
-}
-
-#[derive(Default)]
-struct Series(Vec<u64>);
-
-impl Series {
-    fn median(&self) -> u64 {
-        let mut v = self.0.clone();
-        v.sort_unstable();
-        v.get(v.len() / 2).copied().unwrap_or(0)
-    }
-    fn mean(&self) -> f64 {
-        self.0.iter().sum::<u64>() as f64 / self.0.len().max(1) as f64
-    }
+    timed(dp, names::PROG_FROM_POD, frame, None, out).1
 }
 
 struct Config {
