@@ -365,44 +365,4 @@ mod tests {
             }
         }
     }
-
-    /// Measures the census against aya's per-key iteration on a full `CT_V4` (root; run
-    /// with `cargo test -p nodeplane-agent --release -- --ignored census_cost --nocapture`).
-    #[test]
-    #[ignore = "needs root to load the datapath; a measurement, not a check"]
-    fn census_cost_on_a_full_conntrack() {
-        use nodeplane_common::maps::{CtKeyV4, CtValueV4};
-        let mut dp = crate::datapath::Datapath::load().expect("loading the datapath (root)");
-        let capacity = dp.maps().census_handles().unwrap().ct.max_entries();
-        let now = monotonic_ns();
-        let started = std::time::Instant::now();
-        for i in 0..capacity {
-            let key = CtKeyV4 {
-                saddr: [10, 244, (i >> 16) as u8, (i >> 8) as u8],
-                daddr: [10, 96, 0, 1],
-                sport: (i as u16).to_be_bytes(),
-                dport: 80u16.to_be_bytes(),
-                proto: if i % 4 == 0 { IPPROTO_UDP } else { IPPROTO_TCP },
-                dir: 0,
-                _pad: [0; 2],
-            };
-            let expires_ns = if i % 2 == 0 { now + 3_600_000_000_000 } else { 1 };
-            let value = CtValueV4 { expires_ns, ..Default::default() };
-            dp.maps().ct.insert(key, value, 0).expect("insert");
-        }
-        eprintln!("filled {capacity} entries in {:?}", started.elapsed());
-        let handles = dp.maps().census_handles().unwrap();
-        for _ in 0..3 {
-            let census = take_census(&handles).expect("census");
-            assert_eq!(census.service_ct.total(), u64::from(capacity));
-            assert_eq!(census.service_ct.live(), u64::from(capacity / 2));
-            eprintln!("census (BPF_MAP_LOOKUP_BATCH): {:?}", census.elapsed);
-        }
-        let started = std::time::Instant::now();
-        let n = dp.maps().ct.keys().count();
-        eprintln!("aya keys(): {n} in {:?}", started.elapsed());
-        let started = std::time::Instant::now();
-        let n = dp.maps().ct.iter().count();
-        eprintln!("aya iter(): {n} in {:?}", started.elapsed());
-    }
 }

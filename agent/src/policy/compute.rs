@@ -2048,27 +2048,6 @@ mod tests {
         assert!(n > 0);
     }
 
-    /// Not a benchmark (no timing asserted): `cargo test --release -- --ignored --nocapture`
-    /// prints how long the 10,000 pod, 1,000 policy world takes.
-    #[test]
-    #[ignore = "size check, run by hand in release"]
-    fn ten_thousand_pods_thousand_policies() {
-        for unique in [false, true] {
-            let w = big_world(10_000, 1_000, unique);
-            let t = std::time::Instant::now();
-            let m = w.compute();
-            eprintln!(
-                "compute (unique labels: {unique}): {:?}; {} ipcache, {} endpoints, {} rules, {} identities",
-                t.elapsed(),
-                m.ipcache.len(),
-                m.endpoints.len(),
-                m.rules.len(),
-                m.names.identities.len()
-            );
-            assert_consistent(&m);
-        }
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
