@@ -145,7 +145,8 @@ pub struct CtValueV4 {
 }
 const _: () = assert!(core::mem::size_of::<CtValueV4>() == 32);
 
-/// Index into the per-CPU `COUNTERS` array; one slot per [`crate::reason::Reason`].
+/// Value of the per-CPU `COUNTERS` array, one slot per (hook, reason) at
+/// [`crate::reason::counter_index`]. Also the value of `POLICY_COUNTERS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Counter {

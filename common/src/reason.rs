@@ -1,8 +1,9 @@
-//! What the datapath did with a packet. Each variant is one slot of the per-CPU
-//! `COUNTERS` array, and its [`Reason::name`] is the label the agent exports.
+//! What the datapath did with a packet, and where. The per-CPU `COUNTERS` array has one
+//! slot per ([`Hook`], [`Reason`]) pair ([`counter_index`]); [`Hook::name`] and
+//! [`Reason::name`] are the labels the agent exports.
 
 /// Verdicts and drop reasons. Stored as `u32` indices, decoded with [`Reason::from_index`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u32)]
 pub enum Reason {
     /// Passed: not IPv4 (ARP, IPv6 in this version).
@@ -97,6 +98,57 @@ impl Reason {
     }
 }
 
+/// The program that counted a packet: the first coordinate of a `COUNTERS` slot. Stored as
+/// a `u32` index, decoded with [`Hook::from_index`].
+///
+/// Only the two tc hooks exist today. [`Hook::SLOTS`] leaves room for the ones planned in
+/// docs/ARCHITECTURE.md: XDP on the node's external interface (NodePort) will be 2 and
+/// socket-level load balancing 3, so adding them does not move the existing slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u32)]
+pub enum Hook {
+    /// tc ingress of the host side of a pod veth: what the pod sends.
+    FromPod = 0,
+    /// tc egress of the same interface: what is delivered to the pod.
+    ToPod = 1,
+}
+
+impl Hook {
+    pub const COUNT: u32 = 2;
+    /// Hooks the `COUNTERS` array is sized for: the two tc hooks, XDP and socket.
+    pub const SLOTS: u32 = 4;
+
+    pub const ALL: [Hook; Self::COUNT as usize] = [Self::FromPod, Self::ToPod];
+
+    pub const fn from_index(i: u32) -> Option<Self> {
+        if i < Self::COUNT { Some(Self::ALL[i as usize]) } else { None }
+    }
+
+    /// Stable label: the name of the program (`maps::names::PROG_*`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::FromPod => "from_pod",
+            Self::ToPod => "to_pod",
+        }
+    }
+}
+
+/// Slots per hook in `COUNTERS`. A fixed stride rather than [`Reason::COUNT`], so that a
+/// new reason does not shift every other hook's slots: the counters are an ABI like every
+/// map (a pinned array outlives the agent that created it).
+pub const REASON_SLOTS: u32 = 32;
+const _: () = assert!(Reason::COUNT <= REASON_SLOTS);
+const _: () = assert!(Hook::COUNT <= Hook::SLOTS);
+
+/// Entries of the per-CPU `COUNTERS` array: [`Hook::SLOTS`] × [`REASON_SLOTS`].
+pub const COUNTER_SLOTS: u32 = Hook::SLOTS * REASON_SLOTS;
+
+/// The `COUNTERS` slot of `reason` counted at `hook`: `hook * REASON_SLOTS + reason`.
+#[inline(always)]
+pub const fn counter_index(hook: Hook, reason: Reason) -> u32 {
+    hook as u32 * REASON_SLOTS + reason as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +165,26 @@ mod tests {
         assert_eq!(Reason::from_index(Reason::COUNT), None);
         assert!(!Reason::RevNat.is_drop());
         assert!(Reason::DropNoBackends.is_drop());
+    }
+
+    #[test]
+    fn every_hook_and_reason_has_its_own_counter_slot() {
+        let mut seen = [false; COUNTER_SLOTS as usize];
+        for (i, h) in Hook::ALL.iter().enumerate() {
+            assert_eq!(*h as u32, i as u32);
+            assert_eq!(Hook::from_index(i as u32), Some(*h));
+            for r in Reason::ALL {
+                let slot = counter_index(*h, r);
+                assert!(slot < COUNTER_SLOTS, "{h:?} {r:?} -> {slot}");
+                assert!(!seen[slot as usize], "{h:?} {r:?} shares slot {slot}");
+                seen[slot as usize] = true;
+            }
+        }
+        assert_eq!(Hook::from_index(Hook::COUNT), None);
+        assert_eq!(Hook::FromPod.name(), crate::maps::names::PROG_FROM_POD);
+        assert_eq!(Hook::ToPod.name(), crate::maps::names::PROG_TO_POD);
+        // The layout is an ABI: these slots must never move.
+        assert_eq!(counter_index(Hook::FromPod, Reason::PassNotIpv4), 0);
+        assert_eq!(counter_index(Hook::ToPod, Reason::DropPolicy), 32 + 15);
     }
 }

@@ -30,7 +30,8 @@
 //! First fragments are judged by policy like any packet but never translated; protocols
 //! other than TCP and UDP are judged (with ports 0 unless SCTP) and never translated.
 //!
-//! Every outcome is a [`Reason`]; the entry point counts it and turns it into a tc action.
+//! Every outcome is a [`Reason`]; the entry point counts it under its [`Hook`] and turns it
+//! into a tc action.
 #![no_std]
 #![no_main]
 
@@ -47,25 +48,25 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use nodeplane_common::reason::Reason;
+use nodeplane_common::reason::{Hook, Reason};
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    verdict(&ctx, try_from_pod(&ctx))
+    verdict(&ctx, Hook::FromPod, try_from_pod(&ctx))
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    verdict(&ctx, try_to_pod(&ctx))
+    verdict(&ctx, Hook::ToPod, try_to_pod(&ctx))
 }
 
-/// Counts the outcome and turns it into a tc action.
+/// Counts the outcome under `hook` and turns it into a tc action.
 #[inline(always)]
-fn verdict(ctx: &TcContext, outcome: Result<Reason, Reason>) -> i32 {
+fn verdict(ctx: &TcContext, hook: Hook, outcome: Result<Reason, Reason>) -> i32 {
     let reason = match outcome {
         Ok(reason) | Err(reason) => reason,
     };
-    metrics::count(reason, ctx.len());
+    metrics::count(hook, reason, ctx.len());
     if reason.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
 }
 

@@ -15,7 +15,7 @@ use nodeplane_common::{
         MAX_FRAGS, MAX_IPCACHE, MAX_POLICY_COUNTERS, MAX_POLICY_CT, MAX_POLICY_ENTRIES,
         PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyCtValue, PolicyKey, PolicyValue,
     },
-    reason::Reason,
+    reason::COUNTER_SLOTS,
 };
 
 /// ClusterIP frontends `(vip, port, proto)` -> service id and backend count; plus one
@@ -37,9 +37,10 @@ pub static BACKENDS_V4: HashMap<u32, BackendV4> = HashMap::with_max_entries(MAX_
 #[map]
 pub static CT_V4: LruHashMap<CtKeyV4, CtValueV4> = LruHashMap::with_max_entries(MAX_CT_ENTRIES, 0);
 
-/// Per-CPU packet and byte counters, one slot per `Reason`. Read by the agent.
+/// Per-CPU packet and byte counters, one slot per (`Hook`, `Reason`) at `counter_index`
+/// (room for 4 hooks of 32 reasons). Read by the agent.
 #[map]
-pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Peer address prefix -> identity (a plain native `u32`), longest prefix wins. Written by
 /// the agent. (LPM tries must be created with `BPF_F_NO_PREALLOC`; aya adds it anyway.)

@@ -11,7 +11,7 @@ use nodeplane_common::{
         BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKeyV4, IPPROTO_TCP, IPPROTO_UDP,
         SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey, names,
     },
-    reason::Reason,
+    reason::{Hook, Reason},
 };
 use nodeplane_tests::{
     packet::{Frame, TCP_ACK, TCP_SYN, View},
@@ -74,17 +74,43 @@ fn fixture() -> Datapath {
     dp
 }
 
-fn count(dp: &mut Datapath, reason: Reason) -> u64 {
+/// Packets per (hook, reason), summed over CPUs.
+type Counts = Vec<((Hook, Reason), u64)>;
+
+/// Every `COUNTERS` slot the agent reads.
+fn counters(dp: &Datapath) -> Counts {
     let all = dp.counters().unwrap_or_else(|e| panic!("reading counters: {e}"));
-    all.iter().find(|(r, _)| *r == reason).map(|(_, c)| c.packets).unwrap_or(0)
+    all.into_iter().map(|(h, r, c)| ((h, r), c.packets)).collect()
 }
 
-/// Runs `frame`, asserts the action and that exactly `reason` was counted for it.
+fn count(dp: &Datapath, hook: Hook, reason: Reason) -> u64 {
+    counters(dp).iter().find(|(k, _)| *k == (hook, reason)).map(|(_, n)| *n).unwrap_or(0)
+}
+
+/// Runs `frame` through `program`; returns its outcome and the counters that moved, with
+/// how much.
+fn run_counted(
+    dp: &Datapath,
+    program: &str,
+    frame: &[u8],
+) -> (nodeplane_tests::run::Outcome, Counts) {
+    let before = counters(dp);
+    let out = run_once_on(dp, program, frame);
+    let moved = counters(dp)
+        .into_iter()
+        .zip(before)
+        .map(|((k, now), (_, was))| (k, now - was))
+        .filter(|(_, d)| *d > 0)
+        .collect();
+    (out, moved)
+}
+
+/// Runs `frame` through `from_pod`, asserts the action and that exactly `reason` was
+/// counted for it, once, under `from_pod`.
 fn expect(dp: &mut Datapath, frame: &[u8], action: u32, reason: Reason) -> Vec<u8> {
-    let before = count(dp, reason);
-    let out = run_once(dp, frame);
+    let (out, moved) = run_counted(dp, names::PROG_FROM_POD, frame);
     assert_eq!(out.action, action, "tc action for {reason:?}");
-    assert_eq!(count(dp, reason), before + 1, "counter {} not incremented", reason.name());
+    assert_eq!(moved, [((Hook::FromPod, reason), 1)], "counters for {}", reason.name());
     out.frame
 }
 
@@ -142,15 +168,14 @@ fn later_packets_stick_to_the_backend_and_replies_are_reverse_nated() {
 /// local pod veth, so `from_pod` never sees it; `to_pod`, on the client's veth, does.
 #[test]
 fn to_pod_reverse_translates_replies_from_anywhere_and_nothing_else() {
-    let mut dp = fixture();
+    let dp = fixture();
     let syn = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
     let backend = View::parse_checked(&run_once(&dp, &syn).frame).dst;
 
     let reply = Frame::tcp(backend, CLIENT, TCP_SYN | TCP_ACK).build();
-    let before = count(&mut dp, Reason::RevNat);
-    let out = run_once_on(&dp, names::PROG_TO_POD, &reply);
+    let (out, moved) = run_counted(&dp, names::PROG_TO_POD, &reply);
     assert_eq!(out.action, TC_ACT_OK);
-    assert_eq!(count(&mut dp, Reason::RevNat), before + 1);
+    assert_eq!(moved, [((Hook::ToPod, Reason::RevNat), 1)]);
     let out = View::parse_checked(&out.frame);
     assert_eq!(out.src, (VIP, TCP_PORT), "reply must come from the VIP");
     assert_eq!(out.dst, CLIENT);
@@ -161,10 +186,9 @@ fn to_pod_reverse_translates_replies_from_anywhere_and_nothing_else() {
     let request = Frame::tcp(CLIENT, backend, TCP_ACK).build();
     let other = Frame::tcp((Ipv4Addr::new(10, 1, 2, 3), 443), CLIENT, TCP_ACK).build();
     for frame in [done, request, other] {
-        let before = count(&mut dp, Reason::PassNotService);
-        let out = run_once_on(&dp, names::PROG_TO_POD, &frame);
+        let (out, moved) = run_counted(&dp, names::PROG_TO_POD, &frame);
         assert_eq!((out.action, out.frame), (TC_ACT_OK, frame));
-        assert_eq!(count(&mut dp, Reason::PassNotService), before + 1);
+        assert_eq!(moved, [((Hook::ToPod, Reason::PassNotService), 1)]);
     }
 }
 
@@ -273,7 +297,7 @@ fn a_deleted_service_is_no_longer_translated() {
 /// is never translated.
 #[test]
 fn malformed_packets_are_never_translated() {
-    let mut dp = fixture();
+    let dp = fixture();
     let good = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
 
     // BPF_PROG_TEST_RUN itself refuses an IPv4 frame shorter than 20 header bytes, so the
@@ -319,13 +343,37 @@ fn malformed_packets_are_never_translated() {
         ("IPv6", ipv6, TC_ACT_OK, Reason::PassNotIpv4),
     ];
     for (name, frame, action, reason) in table {
-        let before = count(&mut dp, reason);
-        let out = run_once(&dp, &frame);
+        let (out, moved) = run_counted(&dp, names::PROG_FROM_POD, &frame);
         assert_eq!(out.action, action, "{name}: action");
-        assert_eq!(count(&mut dp, reason), before + 1, "{name}: counted under {}", reason.name());
+        assert_eq!(
+            moved,
+            [((Hook::FromPod, reason), 1)],
+            "{name}: counted under {}",
+            reason.name()
+        );
         assert_eq!(out.frame, frame, "{name}: the packet was modified");
     }
-    assert_eq!(count(&mut dp, Reason::NatNew), 0, "a malformed packet created a flow");
+    assert_eq!(count(&dp, Hook::FromPod, Reason::NatNew), 0, "a malformed packet created a flow");
+}
+
+/// `COUNTERS` has a slot per (hook, reason): the same drop at `to_pod` and at `from_pod`
+/// is two counts, each under the program that dropped the packet.
+#[test]
+fn a_drop_is_counted_under_the_hook_that_dropped_it() {
+    let dp = fixture();
+    let mut truncated = Frame::tcp((BACKENDS[0], TCP_TARGET), CLIENT, TCP_ACK).build();
+    truncated.truncate(14 + 20 + 10);
+    let malformed = (Hook::ToPod, Reason::DropMalformedL4);
+
+    let (out, moved) = run_counted(&dp, names::PROG_TO_POD, &truncated);
+    assert_eq!(out.action, TC_ACT_SHOT, "to_pod drops a truncated TCP header");
+    assert_eq!(moved, [(malformed, 1)], "counted once, under to_pod only");
+    assert_eq!(count(&dp, Hook::FromPod, Reason::DropMalformedL4), 0);
+
+    let (out, moved) = run_counted(&dp, names::PROG_FROM_POD, &truncated);
+    assert_eq!(out.action, TC_ACT_SHOT, "from_pod drops it too");
+    assert_eq!(moved, [((Hook::FromPod, Reason::DropMalformedL4), 1)]);
+    assert_eq!(count(&dp, malformed.0, malformed.1), 1, "to_pod's count is its own");
 }
 
 #[test]

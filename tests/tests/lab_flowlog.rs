@@ -320,8 +320,10 @@ impl Metrics {
         self.get("nodeplane_flow_events_total", &[("outcome", outcome)])
     }
 
-    fn policy_drops(&self) -> f64 {
-        let labels = [("reason", "policy-denied"), ("verdict", "drop")];
+    /// Packets NetworkPolicy dropped at `hook` (`from_pod`: a sender's egress, `to_pod`: a
+    /// receiver's ingress).
+    fn policy_drops(&self, hook: &str) -> f64 {
+        let labels = [("hook", hook), ("reason", "policy-denied"), ("verdict", "drop")];
         self.get("nodeplane_datapath_packets_total", &labels)
     }
 }
@@ -432,7 +434,7 @@ fn a_flood_of_denied_datagrams_is_rate_limited_and_aggregated_without_loss() {
     let mut lab = FlowLab::start(&["--flow-log-rate", "5", "--flow-log-burst", "5"], X_POLICIES);
     // Let the readiness probes' lines, aggregates and counters settle, and the bucket fill.
     lab.log.settle(Duration::from_millis(2500));
-    let before = lab.scrape().policy_drops();
+    let before = lab.scrape();
 
     // 200 datagrams from as many sockets (distinct source ports), all open until the last
     // is sent; the send loop is bounded in count and takes a few milliseconds.
@@ -452,10 +454,13 @@ fn a_flood_of_denied_datagrams_is_rate_limited_and_aggregated_without_loss() {
     assert_eq!(sent, DATAGRAMS, "every send succeeded");
     assert!(took < Duration::from_millis(500), "the flood took {took:?}: not one second");
 
-    // The datapath's own count of policy drops, as the expected total.
-    let after = lab.scrape_until("the flood's drops", |m| m.policy_drops() - before >= sent as f64);
-    let dropped = (after.policy_drops() - before) as u64;
+    // The datapath's own count of policy drops, as the expected total: x/a's ingress
+    // dropped them, in to_pod on its veth; z/a's egress is not isolated.
+    let drops = |m: &Metrics, hook: &str| m.policy_drops(hook) - before.policy_drops(hook);
+    let after = lab.scrape_until("the flood's drops", |m| drops(m, "to_pod") >= sent as f64);
+    let dropped = drops(&after, "to_pod") as u64;
     assert_eq!(dropped, sent as u64, "only the flood was dropped (no other traffic runs)");
+    assert_eq!(drops(&after, "from_pod"), 0.0, "no drop at a sender's egress");
 
     let key = |l: &Value| is(l, l["type"].as_str().unwrap_or(""), "deny", "ingress", ZA, XA);
     let counted = |lines: &[Value]| -> u64 {

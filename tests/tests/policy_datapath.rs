@@ -1,6 +1,6 @@
 //! BPF_PROG_TEST_RUN tests of NetworkPolicy enforcement: the real `from_pod` (egress) and
 //! `to_pod` (ingress) programs on crafted frames, with the policy maps written through the
-//! agent's own `PolicyWriter`. Each test asserts the tc action, the reason counter, and the
+//! agent's own `PolicyWriter`. Each test asserts the tc action, the (hook, reason) counter, and the
 //! side effects (policy conntrack, `POLICY_COUNTERS`, `FLOW_EVENTS`). Needs root (run with
 //! `cargo xtask test`).
 use std::net::Ipv4Addr;
@@ -25,7 +25,7 @@ use nodeplane_common::{
         POLICY_CFG_F_LOG_ALLOWED, PolicyConfig, PolicyCounterKey, PolicyCtKey, PolicyKey,
         PolicyValue, SET_NONE, VERDICT_ALLOW, VERDICT_DENY,
     },
-    reason::Reason,
+    reason::{Hook, Reason},
 };
 use nodeplane_tests::{
     packet::{ETH_HLEN, Frame, TCP_ACK, TCP_SYN, View},
@@ -117,13 +117,31 @@ fn fixture() -> Datapath {
     dp
 }
 
-fn count(dp: &mut Datapath, reason: Reason) -> u64 {
+/// Packets per (hook, reason), summed over CPUs.
+type Counts = Vec<((Hook, Reason), u64)>;
+
+/// Every `COUNTERS` slot the agent reads.
+fn counters(dp: &Datapath) -> Counts {
     let all = dp.counters().unwrap_or_else(|e| panic!("reading counters: {e}"));
-    all.iter().find(|(r, _)| *r == reason).map(|(_, c)| c.packets).unwrap_or(0)
+    all.into_iter().map(|(h, r, c)| ((h, r), c.packets)).collect()
+}
+
+fn count(dp: &Datapath, hook: Hook, reason: Reason) -> u64 {
+    counters(dp).iter().find(|(k, _)| *k == (hook, reason)).map(|(_, n)| *n).unwrap_or(0)
+}
+
+/// The hook `program` counts under.
+fn hook_of(program: &str) -> Hook {
+    match program {
+        names::PROG_FROM_POD => Hook::FromPod,
+        names::PROG_TO_POD => Hook::ToPod,
+        _ => panic!("no program {program}"),
+    }
 }
 
 /// Runs `frame` through `program` as a forwarded packet; asserts the action and that
-/// exactly `reason` was counted for it. Returns the frame as it left.
+/// exactly `reason` was counted for it, once, under `program`'s hook and no other.
+/// Returns the frame as it left.
 fn expect(dp: &mut Datapath, program: &str, frame: &[u8], action: u32, reason: Reason) -> Vec<u8> {
     expect_from(dp, program, frame, FORWARDED, action, reason)
 }
@@ -136,11 +154,17 @@ fn expect_from(
     action: u32,
     reason: Reason,
 ) -> Vec<u8> {
-    let before = count(dp, reason);
+    let before = counters(dp);
     let out = run_once_from(dp, program, frame, ingress_ifindex);
+    let moved: Vec<_> = counters(dp)
+        .into_iter()
+        .zip(before)
+        .map(|((k, now), (_, was))| (k, now - was))
+        .filter(|(_, d)| *d > 0)
+        .collect();
     assert_eq!(
-        (out.action, count(dp, reason)),
-        (action, before + 1),
+        (out.action, moved),
+        (action, vec![((hook_of(program), reason), 1)]),
         "{program}: tc action and counter {} for {frame:02x?}",
         reason.name()
     );
@@ -249,6 +273,28 @@ fn ingress_allows_the_allowed_identity_and_exact_port_and_denies_the_rest() {
     let ack = Frame::tcp((A, 40000), (B, 8080), TCP_ACK).build();
     to_pod(&mut dp, &ack, TC_ACT_OK, Reason::PassNotService);
     assert_eq!(verdicts(&mut dp, RULE_1, VERDICT_ALLOW, DIR_INGRESS), 1);
+}
+
+/// A flow both pods' policies judge: an ingress deny is dropped by `to_pod` and counted
+/// under `to_pod` (what `nodeplane_datapath_packets_total{hook="to_pod"}` exports), an
+/// egress deny under `from_pod`; the other hook counts the same flow as a pass.
+#[test]
+fn a_policy_drop_is_counted_under_the_hook_that_dropped_it() {
+    let mut dp = fixture();
+    // B admits nothing; A may send to B:8080 (TCP) only.
+    endpoint(&mut dp, B, SET_B_IN, SET_NONE, ID_B);
+    endpoint(&mut dp, A, SET_NONE, SET_A_OUT, ID_A);
+    allow(&mut dp, SET_A_OUT, ID_B, IPPROTO_TCP, 8080, PolicyKey::PREFIX_FULL, RULE_1);
+    let (from, to) = (Hook::FromPod, Hook::ToPod);
+
+    let ingress_denied = tcp((A, 40000), (B, 8080));
+    from_pod(&mut dp, &ingress_denied, TC_ACT_OK, Reason::PassNotService);
+    to_pod(&mut dp, &ingress_denied, TC_ACT_SHOT, Reason::DropPolicy);
+    assert_eq!((count(&dp, from, Reason::DropPolicy), count(&dp, to, Reason::DropPolicy)), (0, 1));
+
+    let egress_denied = tcp((A, 40001), (B, 9090));
+    from_pod(&mut dp, &egress_denied, TC_ACT_SHOT, Reason::DropPolicy);
+    assert_eq!((count(&dp, from, Reason::DropPolicy), count(&dp, to, Reason::DropPolicy)), (1, 1));
 }
 
 #[test]

@@ -43,7 +43,7 @@ use nodeplane_agent::{
 use nodeplane_common::{
     maps::{IPPROTO_TCP, IPPROTO_UDP, names},
     policy::{IPPROTO_ICMP, IPPROTO_SCTP, PolicyCtKey, PolicyKey},
-    reason::Reason,
+    reason::{Hook, Reason},
 };
 use nodeplane_tests::{
     packet::{Frame, TCP_SYN},
@@ -180,15 +180,15 @@ fn run_case(
     (egress, ingress)
 }
 
-fn counters(dp: &Datapath) -> BTreeMap<&'static str, u64> {
+/// Packets per (hook, reason) name.
+type Counts = BTreeMap<(&'static str, &'static str), u64>;
+
+fn counters(dp: &Datapath) -> Counts {
     let all = dp.counters().unwrap_or_else(|e| panic!("reading counters: {e}"));
-    all.into_iter().map(|(r, c)| (r.name(), c.packets)).collect()
+    all.into_iter().map(|(h, r, c)| ((h.name(), r.name()), c.packets)).collect()
 }
 
-fn counter_delta(
-    before: &BTreeMap<&'static str, u64>,
-    after: &BTreeMap<&'static str, u64>,
-) -> BTreeMap<&'static str, u64> {
+fn counter_delta(before: &Counts, after: &Counts) -> Counts {
     after
         .iter()
         .map(|(k, v)| (*k, v - before.get(k).copied().unwrap_or(0)))
@@ -487,14 +487,17 @@ fn datapath_verdicts_agree_with_the_reference_model() {
 
         let rw = w.reference();
         let before = counters(&dp);
-        let (mut runs_ok, mut runs_denied) = (0u64, 0u64);
+        // What each run must count: a pass or a policy drop, under the hook that judged it.
+        let mut judged = Counts::new();
         let t = Instant::now();
         for c in &cases {
             let (v, want_e, want_i) = expected(&rw, &m, c);
             let sport = ports.next();
             let (got_e, got_i) = run_case(&mut dp, c, sport, &m);
-            for x in [got_e, got_i].into_iter().flatten() {
-                if x { runs_ok += 1 } else { runs_denied += 1 }
+            for (hook, got) in [(Hook::FromPod, got_e), (Hook::ToPod, got_i)] {
+                let Some(ok) = got else { continue };
+                let reason = if ok { Reason::PassNotService } else { Reason::DropPolicy };
+                *judged.entry((hook.name(), reason.name())).or_default() += 1;
             }
             stats.record(c, &v, want_e, want_i, &w);
             for (dir, got, want, rv) in [
@@ -520,11 +523,6 @@ fn datapath_verdicts_agree_with_the_reference_model() {
         stats.run += t.elapsed();
         // Every run was judged by policy: nothing was dropped (or passed) for another reason.
         let delta = counter_delta(&before, &counters(&dp));
-        let judged: BTreeMap<&str, u64> =
-            [(Reason::PassNotService.name(), runs_ok), (Reason::DropPolicy.name(), runs_denied)]
-                .into_iter()
-                .filter(|(_, n)| *n > 0)
-                .collect();
         if details.is_empty() {
             assert_eq!(delta, judged, "world {index}: reasons counted for the flows' runs\n{w}");
         }
