@@ -448,6 +448,75 @@ mod tests {
         assert!(none.service(&key).is_none() && none.is_local_pod(Ipv4Addr::LOCALHOST).is_none());
     }
 
+    /// The agent publishes after its syncs: Service names per frontend, pods, and the
+    /// names of the policy numbers, as `inspect` reads them.
+    #[test]
+    fn the_agent_publishes_names_after_a_sync() {
+        use std::{sync::Arc, time::Duration};
+
+        use crate::{
+            agent::Agent,
+            desired::NodeContext,
+            health::Health,
+            index::test_helpers::mk_service,
+            metrics::Metrics,
+            source::{Batch, Event, Kind, Object},
+            sync::FakeMaps,
+        };
+
+        fn k8s<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+            serde_json::from_value(v).expect("k8s object")
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let mut agent = Agent::new(NodeContext::named("n1"), health, Arc::new(Metrics::new()));
+        agent.publish_names(NamesPublisher::spawn(dir.path().to_path_buf()).unwrap());
+        let ns: k8s_openapi::api::core::v1::Namespace =
+            k8s(serde_json::json!({ "metadata": { "name": "a" } }));
+        let pod: k8s_openapi::api::core::v1::Pod = k8s(serde_json::json!({
+            "metadata": { "namespace": "a", "name": "db", "labels": { "app": "db" } },
+            "spec": { "nodeName": "n1", "containers": [] },
+            "status": { "phase": "Running", "podIP": "10.0.0.1" },
+        }));
+        let policy: k8s_openapi::api::networking::v1::NetworkPolicy = k8s(serde_json::json!({
+            "metadata": { "namespace": "a", "name": "deny" },
+            "spec": { "podSelector": {}, "ingress": [{ "ports": [{ "port": 80 }] }] },
+        }));
+        let mut events: Vec<Event> = Kind::ALL.map(|kind| Event::Reset(kind, vec![])).into();
+        events.push(Event::Apply(ns.into()));
+        events.push(Event::Apply(pod.into()));
+        events.push(Event::Apply(policy.into()));
+        events.push(Event::Apply(Object::from(mk_service(
+            "a",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, "")],
+        ))));
+        agent.handle(Batch::now(events));
+        agent.sync(&mut FakeMaps::new()).expect("sync");
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let s = loop {
+            if let Ok(Some(s)) = NamesSnapshot::read(dir.path()) {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "no names.json after the sync");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(s.node.as_deref(), Some("n1"));
+        let names = NameIndex::new(Some(s.clone()));
+        let web = names.service(&ServiceKeyV4::new([10, 96, 0, 10], 80, 6)).expect("the frontend");
+        assert_eq!((web.service.as_str(), web.port_name.as_str()), ("a/web", "http"));
+        assert_eq!(names.pod_named("a/db").map(|p| p.ip), Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(names.is_local_pod(Ipv4Addr::new(10, 0, 0, 1)), Some(true));
+        assert!(s.sets.values().any(|set| set.policies == ["a/deny"]), "{:?}", s.sets);
+        assert!(
+            s.rules.values().flatten().any(|r| r.policy == "a/deny" && r.index == 0),
+            "{:?}",
+            s.rules
+        );
+    }
+
     #[test]
     fn the_publisher_writes_the_latest_snapshot() {
         let dir = tempfile::tempdir().unwrap();
