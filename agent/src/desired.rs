@@ -23,6 +23,13 @@
 //!    ones (so connections drain during a rollout instead of failing). With `Local` this
 //!    fallback is decided on the local endpoints alone, as kube-proxy does: a node whose
 //!    local endpoints are all terminating uses them even while other nodes have ready ones.
+//!
+//!    The other endpoints in scope of a TCP frontend (listed, but not used for new flows:
+//!    not ready, or terminating while others are ready, serving or not) are its *draining*
+//!    backends ([`Frontend::draining`]): they keep a `BACKENDS_V4` entry, so established
+//!    connections stay on them until they close or the endpoint leaves the slices
+//!    (docs/ARCHITECTURE.md, "Established flows and removed backends"). UDP and other
+//!    protocols have none: their flows follow the slots.
 //! 6. A frontend without usable backends is kept with an empty list: the datapath then drops
 //!    and counts its traffic (`no-backends`) rather than letting it leak to the routing
 //!    table. For `Local` with no endpoint on this node this is kube-proxy's behaviour too:
@@ -64,6 +71,9 @@ pub struct Frontend {
     pub port_name: String,
     /// Sorted and deduplicated; slot `i` of the frontend is `backends[i]`.
     pub backends: Vec<BackendV4>,
+    /// TCP only: endpoints still listed for this port but not in `backends` (rule 5),
+    /// sorted. They get a `BACKENDS_V4` entry and no slot.
+    pub draining: Vec<BackendV4>,
 }
 
 /// Where the agent runs: what the node-aware rules need to know.
@@ -244,7 +254,7 @@ fn service_frontends(
 ) -> Result<Vec<(ServiceKeyV4, Frontend)>, String> {
     let mut out = Vec::new();
     for port in &service.ports {
-        let mut backends = backends_for(index, service, port, scope);
+        let (mut backends, mut draining) = backends_for(index, service, port, scope);
         backends.retain(|b| {
             let addr = Ipv4Addr::from(b.addr);
             let Some(owner) = vips.get(&addr) else { return true };
@@ -254,6 +264,7 @@ fn service_frontends(
             ));
             false
         });
+        draining.retain(|b| !vips.contains_key(&Ipv4Addr::from(b.addr)));
         if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
             return Err(format!(
                 "port {} has {} backends, more than the datapath's {MAX_BACKENDS_PER_SERVICE}",
@@ -266,6 +277,7 @@ fn service_frontends(
                 service: service.key.clone(),
                 port_name: port.name.clone(),
                 backends: backends.clone(),
+                draining: draining.clone(),
             };
             out.push((key, frontend));
         }
@@ -302,13 +314,14 @@ fn display_port(port: &ServicePort) -> String {
     format!("{id}/{}", port.protocol)
 }
 
-/// The usable backends of one ServicePort, sorted (rules 2 to 5).
+/// The usable backends of one ServicePort, sorted (rules 2 to 5), and its draining ones
+/// (rule 5: the other endpoints in scope, for TCP only).
 fn backends_for(
     index: &Index,
     service: &Service,
     port: &ServicePort,
     scope: Scope<'_>,
-) -> Vec<BackendV4> {
+) -> (Vec<BackendV4>, Vec<BackendV4>) {
     let mut merged: BTreeMap<(Ipv4Addr, u16), Merged> = BTreeMap::new();
     for slice in index.slices_for(&service.key) {
         let Some(slice_port) =
@@ -350,7 +363,15 @@ fn backends_for(
     // value's own order keeps the contract explicit should BackendV4 ever change.
     backends.sort();
     backends.dedup();
-    backends
+    let draining = if port.protocol.ipproto() == IPPROTO_TCP {
+        let mut all = pick(|_| true);
+        all.retain(|b| backends.binary_search(b).is_err());
+        all.sort();
+        all
+    } else {
+        Vec::new()
+    };
+    (backends, draining)
 }
 
 fn backend(addr: Ipv4Addr, port: u16, protocol: Protocol) -> BackendV4 {
@@ -463,6 +484,48 @@ mod tests {
         );
         let d = compute(&index_with(web(), vec![slice]));
         assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.2", 8080)]);
+    }
+
+    #[test]
+    fn listed_endpoints_that_get_no_new_flows_drain_for_tcp_only() {
+        let svc =
+            mk_service("default", "web", "10.96.0.10", &[("http", 80, ""), ("dns", 53, "UDP")]);
+        let endpoints = vec![
+            ready("10.0.0.2"),
+            terminating("10.0.0.1", true),
+            terminating("10.0.0.4", false),
+            not_ready("10.0.0.3"),
+        ];
+        let slice = mk_slice(
+            "default",
+            "web-a",
+            "web",
+            &[("http", 8080, ""), ("dns", 5353, "UDP")],
+            endpoints,
+        );
+        let d = compute(&index_with(svc, vec![slice]));
+        let http = &d.frontends[&tcp(80)];
+        assert_eq!(http.backends, vec![be("10.0.0.2", 8080)]);
+        assert_eq!(
+            http.draining,
+            vec![be("10.0.0.1", 8080), be("10.0.0.3", 8080), be("10.0.0.4", 8080)],
+            "every other listed endpoint keeps its established TCP flows"
+        );
+        let dns = &d.frontends[&ServiceKeyV4::new(VIP, 53, IPPROTO_UDP)];
+        assert_eq!(dns.backends, vec![BackendV4::new([10, 0, 0, 2], 5353, IPPROTO_UDP)]);
+        assert!(dns.draining.is_empty(), "UDP flows follow the slots: {:?}", dns.draining);
+
+        // Without ready endpoints the serving terminating one is a backend, the others drain.
+        let slice = mk_slice(
+            "default",
+            "web-a",
+            "web",
+            &[("http", 8080, "")],
+            vec![terminating("10.0.0.1", true), not_ready("10.0.0.3")],
+        );
+        let d = compute(&index_with(web(), vec![slice]));
+        assert_eq!(d.frontends[&tcp(80)].backends, vec![be("10.0.0.1", 8080)]);
+        assert_eq!(d.frontends[&tcp(80)].draining, vec![be("10.0.0.3", 8080)]);
     }
 
     #[test]

@@ -322,6 +322,7 @@ mod tests {
                     service: ObjectKey::namespaced("d", format!("s{vip}")),
                     port_name: String::new(),
                     backends: backends.collect(),
+                    draining: Vec::new(),
                 };
                 (key, frontend)
             })

@@ -5,8 +5,8 @@
 //! records the numbers and the method.
 //!
 //! `nodeplane-bench [SECTION]...` runs only the sections named (`datapath`, `agent`,
-//! `policy`, `api`, or one part of it: `api-start`, `api-memory`, `api-latency`); no
-//! argument runs them all.
+//! `policy`, `census`, `ctgc`, `api`, or one part of it: `api-start`, `api-memory`,
+//! `api-latency`); no argument runs them all.
 //!
 //! Method for the packet path: every sample is one `BPF_PROG_TEST_RUN` with `repeat = 1`
 //! (with `repeat > 1` the kernel would rerun the program on the frame it already rewrote, so
@@ -98,11 +98,12 @@ fn measure_round(c: &mut Config, out: &mut [u8]) {
 }
 
 /// The sections, in the order they run: name and what it measures.
-const SECTIONS: [(&str, &str); 8] = [
+const SECTIONS: [(&str, &str); 9] = [
     ("datapath", "per-packet cost of from_pod (BPF_PROG_TEST_RUN)"),
     ("agent", "programming 10,000 services into empty maps"),
     ("policy", "NetworkPolicy: 10,000 pods with 1 and 1,000 policies, per packet and relabel"),
     ("census", "counting a full conntrack map: batch lookup against aya's keys() and iter()"),
+    ("ctgc", "conntrack GC passes (flush, expiry) on a full conntrack map"),
     ("api", "the Kubernetes API source: api-start, api-memory and api-latency"),
     ("api-start", "source start to first full sync, with and without 50,000 Pods"),
     ("api-memory", "the agent binary's resident memory, with and without 50,000 Pods"),
@@ -139,6 +140,9 @@ fn main() {
     }
     if wanted("census") {
         census();
+    }
+    if wanted("ctgc") {
+        ctgc();
     }
     let parts = Parts {
         start: wanted("api") || wanted("api-start"),
@@ -239,4 +243,71 @@ fn census() {
     let t = Instant::now();
     let n = dp.maps().ct.iter().count();
     println!("  aya iter()                     {:?} ({n} entries)", t.elapsed());
+}
+
+/// The conntrack GC (`agent/src/ctgc.rs`) on a full `CT_V4`: a quarter UDP (half of it on
+/// backends no longer in their frontend's slots), half expired (TCP). Each pass runs twice:
+/// deleting, then with nothing left to delete (the walk alone).
+fn ctgc() {
+    use nodeplane_agent::{
+        ctgc::{GcMaps, Pass, run_pass},
+        occupancy::monotonic_ns,
+    };
+    use nodeplane_common::maps::{CtKeyV4, CtValueV4, IPPROTO_UDP};
+
+    let mut dp =
+        Datapath::load().unwrap_or_else(|e| panic!("loading the datapath (root needed): {e}"));
+    let vip = Ipv4Addr::new(10, 96, 0, 1);
+    let write = |dp: &mut Datapath, op: Op| dp.maps().apply(&op).expect("fixture write");
+    let marker = ServiceValue { flags: SVC_F_VIP_MARKER, ..Default::default() };
+    write(&mut dp, Op::PutService { key: ServiceKeyV4::vip_marker(vip.octets()), value: marker });
+    // Backends 1..=8; the UDP frontend's slots hold 1..=4 only.
+    for id in 1..=8u32 {
+        let backend = BackendV4::new([10, 244, 0, id as u8], 5353, IPPROTO_UDP);
+        write(&mut dp, Op::PutBackend { id, backend });
+    }
+    for slot in 0..4u32 {
+        write(&mut dp, Op::PutSlot { key: SlotKey { service_id: 1, slot }, backend_id: slot + 1 });
+    }
+    let value = ServiceValue { service_id: 1, backend_count: 4, ..Default::default() };
+    write(&mut dp, Op::PutService { key: ServiceKeyV4::new(vip.octets(), 53, IPPROTO_UDP), value });
+
+    let capacity = dp.maps().census_handles().expect("census handles").ct.max_entries();
+    let now = monotonic_ns();
+    let t = Instant::now();
+    for i in 0..capacity {
+        let udp = i % 4 == 0;
+        let key = CtKeyV4 {
+            saddr: [10, 244, (i >> 16) as u8, (i >> 8) as u8],
+            daddr: vip.octets(),
+            sport: (i as u16).to_be_bytes(),
+            dport: if udp { 53u16 } else { 80 }.to_be_bytes(),
+            proto: if udp { IPPROTO_UDP } else { IPPROTO_TCP },
+            dir: 0,
+            _pad: [0; 2],
+        };
+        let backend_id = 1 + (i / 4) % 8;
+        let value = CtValueV4 {
+            nat_addr: [10, 244, 0, backend_id as u8],
+            nat_port: 5353u16.to_be_bytes(),
+            service_id: 1,
+            backend_id,
+            expires_ns: if i % 2 == 0 { now + 3_600_000_000_000 } else { 1 },
+            ..Default::default()
+        };
+        dp.maps().ct.insert(key, value, 0).unwrap_or_else(|e| panic!("CT_V4 insert: {e}"));
+    }
+    eprintln!("filled CT_V4 with {capacity} entries in {:?}", t.elapsed());
+    println!("\nconntrack GC passes on a full CT_V4 ({capacity} entries)");
+    let mut maps = GcMaps::new(dp.maps()).expect("GC maps");
+    for pass in [Pass::Flush, Pass::Flush, Pass::Expiry, Pass::Expiry] {
+        let r = run_pass(&mut maps, pass).expect("GC pass");
+        println!(
+            "  {:<6} scanned {:>7}  deleted {:>7}  {:?}",
+            pass.as_str(),
+            r.scanned.0 + r.scanned.1,
+            r.service.total() + r.policy.total(),
+            r.elapsed
+        );
+    }
 }
