@@ -11,19 +11,23 @@ use std::{
 };
 
 use anyhow::Context as _;
+use nodeplane_common::maps::{IPPROTO_TCP, names};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, FlowLogConfig, Source},
-    datapath::Datapath,
+    ctgc,
+    datapath::{Datapath, Written},
     desired::{self, Desired, NodeContext},
     events::NodeEvents,
     flowlog::{self, NameTables, Resolver, SharedResolver},
     health::Health,
     index::Index,
+    inspect::names::{NamesPublisher, NamesSnapshot},
     metrics::{self, FlowOutcome, LogLevel, Metrics, PolicyMapSizes},
     occupancy::{self, Alarms, Crossing, MapUsage},
+    pin::PinDir,
     policy::{
         PolicyWriteError, PolicyWriter,
         compute::{self, PolicyMaps},
@@ -44,6 +48,16 @@ pub enum SyncError {
     Policy(#[from] PolicyWriteError),
 }
 
+impl SyncError {
+    /// `(maps, reason)` labels of `nodeplane_sync_errors_total`.
+    pub fn labels(&self) -> (&'static str, &'static str) {
+        match self {
+            SyncError::Services(e) => ("service", e.failure.as_str()),
+            SyncError::Policy(e) => ("policy", e.failure.as_str()),
+        }
+    }
+}
+
 /// What one successful sync did.
 #[derive(Clone, Debug, Default)]
 pub struct SyncReport {
@@ -56,6 +70,9 @@ pub struct SyncReport {
     /// For every batch that changed the index since the previous sync: the time from its
     /// receipt to the end of this sync.
     pub latencies: Vec<Duration>,
+    /// The service maps changed in a way that may have taken a backend from a non-TCP
+    /// frontend: its UDP flows are due to be flushed ([`crate::ctgc`]).
+    pub conntrack_flush: bool,
 }
 
 /// Index, translation and sync, with the bookkeeping health and metrics need.
@@ -88,6 +105,8 @@ pub struct Agent {
     /// Entries of the maps the agent writes, by `map` label, as of the last successful
     /// sync of each (the syncers know them; the maps are not walked).
     written: BTreeMap<&'static str, u64>,
+    /// Where `inspect`'s names snapshot goes, if anywhere ([`crate::inspect::names`]).
+    names: Option<NamesPublisher>,
 }
 
 impl Agent {
@@ -109,7 +128,19 @@ impl Agent {
             resolver: SharedResolver::new(NameTables::default()),
             pod_names: Arc::default(),
             written: BTreeMap::new(),
+            names: None,
         }
+    }
+
+    /// Takes over what an earlier agent wrote to the (pinned) maps: the first sync then
+    /// diffs against it, keeping every Service, backend and policy entry that still exists
+    /// under its id, and continues the policy revision.
+    pub fn adopt(&mut self, written: &Written) {
+        self.syncer.adopt(&written.services, &written.slots, &written.backends);
+        let flags = self.policy.flags();
+        self.policy = PolicySyncer::new()
+            .with_realized(&written.policy, written.policy_config)
+            .with_flags(flags);
     }
 
     /// `PolicyConfig.flags` to write (flow events on, allowed flows logged).
@@ -121,6 +152,12 @@ impl Agent {
     /// What the flow log names pods, policies and identities with; kept current by `sync`.
     pub fn resolver(&self) -> SharedResolver {
         self.resolver.clone()
+    }
+
+    /// Hands a names snapshot to `publisher` after every sync that may have changed a
+    /// name (`inspect`'s names.json).
+    pub fn publish_names(&mut self, publisher: NamesPublisher) {
+        self.names = Some(publisher);
     }
 
     pub fn index(&self) -> &Index {
@@ -205,6 +242,10 @@ impl Agent {
         let policy_forced = std::mem::take(&mut self.policy_full);
         let policy_due = dirty.policy_dirty || policy_forced;
         let changed = desired::update(&mut self.desired, &self.index, &self.node, &dirty);
+        // `inspect` names: only a full service recompute or a policy sync changes them.
+        let names_due = changed.is_none() || policy_due;
+        // The full path may change any frontend; the incremental one names them.
+        let flush = changed.as_ref().is_none_or(|c| c.iter().any(|k| k.proto != IPPROTO_TCP));
         let desired = &self.desired;
         for (object, reason) in &desired.skipped {
             if self.reported_skips.insert((object.to_string(), reason.clone())) {
@@ -218,10 +259,11 @@ impl Agent {
         let stats = match result {
             Ok(stats) => stats,
             Err(e) => {
-                self.metrics.sync_errors.inc();
+                let e = SyncError::from(e);
+                self.metrics.observe_sync_error(e.labels());
                 self.full = true;
                 self.policy_full |= policy_due;
-                return Err(e.into());
+                return Err(e);
             }
         };
         let policy_ops = if policy_due {
@@ -229,9 +271,10 @@ impl Agent {
             match self.sync_policy(maps, pods) {
                 Ok(ops) => ops,
                 Err(e) => {
-                    self.metrics.sync_errors.inc();
+                    let e = SyncError::from(e);
+                    self.metrics.observe_sync_error(e.labels());
                     self.policy_full = true;
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         } else {
@@ -270,12 +313,18 @@ impl Agent {
         for (reason, n) in skipped {
             m.skipped.get_or_create(&metrics::ReasonLabel { reason: reason.into() }).set(n as i64);
         }
+        if names_due && let Some(names) = &self.names {
+            let policy_names = self.policy_state.as_ref().map(|s| &s.maps().names);
+            let node = self.node.node_name.as_deref();
+            names.publish(NamesSnapshot::build(&self.index, &self.desired, policy_names, node));
+        }
         Ok(SyncReport {
             ops: stats.ops,
             frontends: stats.services,
             backends: stats.backends,
             policy_ops,
             latencies,
+            conntrack_flush: flush && stats.ops > 0,
         })
     }
 
@@ -419,8 +468,17 @@ fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Optio
 /// Runs the agent until SIGINT or SIGTERM. `log` is the log filter `/loglevel` and
 /// SIGUSR1 change.
 pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load().context("loading the datapath")?;
-    info!("datapath loaded");
+    let pins = PinDir::new(&config.bpffs_dir);
+    let mut datapath = Datapath::open_pinned(pins, &[]).context("loading the datapath")?;
+    let written = datapath.maps().read_written().context("reading the pinned maps")?;
+    let adopted = datapath.adopted(names::SERVICES_V4);
+    info!(
+        dir = %config.bpffs_dir.display(),
+        adopted,
+        frontends = written.services.values().filter(|v| v.service_id != 0).count(),
+        policy_entries = written.policy.rules.len(),
+        "datapath loaded"
+    );
     let health = Arc::new(Health::new(config.healthz_timeout));
     let metrics = Arc::new(Metrics::new());
     let capacities: BTreeMap<&'static str, u64> = (datapath.maps().capacities())
@@ -432,6 +490,8 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
         metrics.observe_capacity(map, *capacity);
     }
     let census_maps = Arc::new(datapath.maps().census_handles().context("the conntrack maps")?);
+    let ctgc = ctgc::Gc::spawn(datapath.maps(), config.conntrack_gc, metrics.clone())
+        .context("the conntrack GC's maps")?;
     let source_health = SourceHealth::default();
     if let Some(cidr) = config.cluster_cidr {
         info!(cluster_cidr = %cidr, "cluster CIDR");
@@ -465,9 +525,16 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
     };
     events.normal("Starting", format!("Starting nodeplane-agent {}", env!("CARGO_PKG_VERSION")));
     let mut announced_ready = false;
+    let mut retire_warned = false;
 
     let node = NodeContext { node_name: config.node_name.clone() };
     let mut agent = Agent::new(node, health.clone(), metrics.clone());
+    agent.adopt(&written);
+    drop(written);
+    match NamesPublisher::spawn(config.state_dir.clone()) {
+        Ok(names) => agent.publish_names(names),
+        Err(e) => warn!(error = %e, "no names snapshot for `inspect`: starting its writer"),
+    }
     agent.set_policy_flags(FlowLogConfig::policy_flags(config.flow_log.as_ref()));
     if let Some(flow_log) = &config.flow_log {
         let ring = datapath.maps().take_flow_events().context("the flow events ring buffer")?;
@@ -503,23 +570,23 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
                     changed |= agent.handle(batch);
                 }
                 if changed || !in_sync {
-                    in_sync = sync(&mut agent, &mut datapath, &events);
+                    in_sync = sync(&mut agent, &mut datapath, &events, &ctgc);
                 }
                 if !announced_ready && health.readyz().ok {
                     announced_ready = true;
                     let frontends = agent.index().services().count();
                     info!(services = frontends, "first full sync programmed; ready");
                     events.normal("Ready", format!("Datapath programmed with {frontends} Services"));
+                    // The maps are complete: now the programs may run on them.
+                    attach(&mut datapath, &config.iface_prefixes, &mut retire_warned);
                 }
             }
-            _ = retry.tick(), if !in_sync => in_sync = sync(&mut agent, &mut datapath, &events),
-            _ = ifaces.tick() => {
-                for prefix in &config.iface_prefixes {
-                    match datapath.attach_matching(prefix) {
-                        Ok(new) => for iface in new { info!(%iface, "attached to pod interface") },
-                        Err(e) => warn!(error = %e, "attaching to pod interfaces"),
-                    }
-                }
+            _ = retry.tick(), if !in_sync => in_sync = sync(&mut agent, &mut datapath, &events, &ctgc),
+            // Not before the first full sync: a restarted agent's new programs must not run
+            // on maps that do not hold the cluster yet (the last agent's programs keep
+            // running on the adopted maps meanwhile).
+            _ = ifaces.tick(), if announced_ready => {
+                attach(&mut datapath, &config.iface_prefixes, &mut retire_warned);
             }
             _ = ticks.tick() => {
                 let now = Instant::now();
@@ -579,16 +646,57 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
                 Err(e) => warn!(error = %e, "SIGUSR1: changing the log level"),
             },
             _ = &mut shutdown => {
-                info!("shutting down; programs are detached when the agent exits");
+                info!(dir = %config.bpffs_dir.display(),
+                      "shutting down; the pinned datapath keeps running (`uninstall` removes it)");
                 return Ok(());
             }
         }
     }
 }
 
-fn sync(agent: &mut Agent, datapath: &mut Datapath, events: &NodeEvents) -> bool {
+/// Attaches to new pod interfaces. After the first pass that attached everywhere (every
+/// pinned link runs this build's programs), retires what the old programs used
+/// ([`Datapath::finish_upgrade`], once).
+fn attach(datapath: &mut Datapath, prefixes: &[String], warned: &mut bool) {
+    let mut ok = true;
+    for prefix in prefixes {
+        match datapath.attach_matching(prefix) {
+            Ok(new) => {
+                for iface in new {
+                    debug!(%iface, "attached to pod interface");
+                }
+            }
+            Err(e) => {
+                ok = false;
+                warn!(error = %e, "attaching to pod interfaces");
+            }
+        }
+    }
+    if ok {
+        match datapath.finish_upgrade() {
+            Ok(r) if r != Default::default() => {
+                info!(maps = r.maps, links = r.links, copied = r.copied, "retired the old datapath")
+            }
+            Ok(_) => {}
+            // Retried on every interface poll; said once.
+            Err(e) if !*warned => {
+                *warned = true;
+                warn!(error = %e, "retiring the old datapath failed; retrying");
+            }
+            Err(e) => debug!(error = %e, "retiring the old datapath failed"),
+        }
+    }
+}
+
+/// One sync; then, if it may have taken backends from UDP frontends (or failed part-way),
+/// a conntrack flush.
+fn sync(agent: &mut Agent, datapath: &mut Datapath, events: &NodeEvents, gc: &ctgc::Gc) -> bool {
     let started = Instant::now();
-    match agent.sync(datapath.maps()) {
+    let result = agent.sync(datapath.maps());
+    if result.as_ref().map_or(true, |r| r.conntrack_flush) {
+        gc.flush();
+    }
+    match result {
         Ok(report) if report.ops + report.policy_ops > 0 => {
             info!(
                 ops = report.ops,
@@ -699,14 +807,14 @@ async fn log_exit(what: &str, f: impl Future<Output = std::io::Result<()>>) {
     }
 }
 
-/// Logs the packet counters that moved since the last call.
-fn log_counters(datapath: &Datapath, last: &mut BTreeMap<&'static str, u64>) {
+/// Logs the packet counters that moved since the last call, as `hook/reason=packets`.
+fn log_counters(datapath: &Datapath, last: &mut BTreeMap<(&'static str, &'static str), u64>) {
     let Ok(now) = datapath.counters() else { return };
     let mut moved = Vec::new();
-    for (reason, counter) in now {
-        let prev = last.insert(reason.name(), counter.packets).unwrap_or(0);
+    for (hook, reason, counter) in now {
+        let prev = last.insert((hook.name(), reason.name()), counter.packets).unwrap_or(0);
         if counter.packets != prev {
-            moved.push(format!("{}={}", reason.name(), counter.packets));
+            moved.push(format!("{}/{}={}", hook.name(), reason.name(), counter.packets));
         }
     }
     if !moved.is_empty() {
@@ -981,6 +1089,28 @@ mod tests {
     }
 
     #[test]
+    fn failed_syncs_are_counted_by_maps_and_reason() {
+        let (mut agent, _) = agent();
+        let metrics = agent.metrics.clone();
+        let errors = |reason: &str| {
+            let series =
+                format!("nodeplane_sync_errors_total{{maps=\"service\",reason=\"{reason}\"}} ");
+            let text = metrics.encode();
+            text.lines().find_map(|l| l.strip_prefix(series.as_str())).map(|v| v.to_string())
+        };
+        assert_eq!(errors("map_full").as_deref(), Some("0"), "exported before any error");
+        let lists = Kind::ALL.map(|kind| Event::Reset(kind, vec![]));
+        agent.handle(Batch::now(lists.into()));
+        let svc = crate::index::test_helpers::mk_service("d", "web", "10.96.0.1", &[("", 80, "")]);
+        agent.handle(Batch::now(vec![Event::Apply(svc.into())]));
+        let mut maps = FakeMaps::new();
+        maps.fail_after = Some(0);
+        assert!(agent.sync(&mut maps).is_err());
+        assert_eq!(errors("write_failed").as_deref(), Some("1"));
+        assert_eq!(errors("map_full").as_deref(), Some("0"));
+    }
+
+    #[test]
     fn latencies_are_reported_for_the_batches_a_sync_programmed() {
         let (mut agent, _) = agent();
         let mut maps = FakeMaps::new();
@@ -994,5 +1124,38 @@ mod tests {
         assert_eq!((report.frontends, report.latencies.len()), (1, 1));
         assert!(report.latencies[0] >= Duration::from_millis(5));
         assert!(agent.sync(&mut maps).unwrap().latencies.is_empty(), "reported once");
+    }
+
+    /// A sync asks for a conntrack flush when it may have taken a backend from a UDP
+    /// frontend: a full sync that wrote something, or an endpoint change of a Service with
+    /// a UDP port; not an endpoint change of a TCP-only Service, nor a sync without writes.
+    #[test]
+    fn syncs_that_may_end_udp_flows_ask_for_a_conntrack_flush() {
+        let (mut agent, _) = agent();
+        let mut maps = FakeMaps::new();
+        let lists = Kind::ALL.map(|kind| Event::Reset(kind, vec![]));
+        agent.handle(Batch::now(lists.into()));
+        agent.sync(&mut maps).unwrap();
+        let dns = mk_service("d", "dns", "10.96.0.10", &[("dns", 53, "UDP")]);
+        let web = mk_service("d", "web", "10.96.0.11", &[("http", 80, "")]);
+        agent.handle(Batch::now(vec![Event::Apply(dns.into()), Event::Apply(web.into())]));
+        assert!(agent.sync(&mut maps).unwrap().conntrack_flush, "a full sync that wrote");
+        let slice = |svc: &str, port: (&str, i32, &str), ips: &[&str]| -> Event {
+            let eps = ips.iter().map(|ip| ready(ip)).collect();
+            Event::Apply(mk_slice("d", &format!("{svc}-1"), svc, &[port], eps).into())
+        };
+        let cases = [
+            (slice("web", ("http", 8080, ""), &["10.0.0.1", "10.0.0.2"]), false),
+            (slice("web", ("http", 8080, ""), &["10.0.0.1"]), false),
+            (slice("dns", ("dns", 5353, "UDP"), &["10.0.0.1", "10.0.0.2"]), true),
+            (slice("dns", ("dns", 5353, "UDP"), &["10.0.0.2"]), true),
+        ];
+        for (i, (event, flush)) in cases.into_iter().enumerate() {
+            agent.handle(Batch::now(vec![event]));
+            let report = agent.sync(&mut maps).unwrap();
+            assert!(report.ops > 0, "change {i} writes");
+            assert_eq!(report.conntrack_flush, flush, "change {i}");
+        }
+        assert!(!agent.sync(&mut maps).unwrap().conntrack_flush, "nothing written");
     }
 }

@@ -96,6 +96,28 @@ pub struct RunArgs {
           value_parser = parse_duration, value_name = "DURATION")]
     pub occupancy_interval: Duration,
 
+    /// How often to delete expired conntrack entries (and reply entries of ended flows);
+    /// 0s: adaptive, as Cilium's conntrack GC: from 1 minute, shorter when a pass frees
+    /// much of a table, longer when it frees little, between 10 s and 10 min. UDP flows of
+    /// removed backends are flushed after every sync whatever this is.
+    #[arg(long, env = "NODEPLANE_CONNTRACK_GC_INTERVAL", default_value = "0s",
+          value_parser = parse_duration, value_name = "DURATION")]
+    pub conntrack_gc_interval: Duration,
+
+    /// Where the programs, links and maps are pinned (on bpffs, mounted at /sys/fs/bpf if
+    /// nothing is). The datapath keeps running from there while no agent runs; a restarted
+    /// agent adopts it, and `nodeplane-agent uninstall` removes it.
+    #[arg(long, env = "NODEPLANE_BPFFS_DIR", default_value = crate::pin::DEFAULT_DIR,
+          value_name = "DIR")]
+    pub bpffs_dir: std::path::PathBuf,
+
+    /// Where the agent writes files about its state for `nodeplane-agent inspect`: the
+    /// names snapshot (names.json: Services, pods, identities, policy sets and rules by
+    /// number), rewritten atomically after a sync that changed them.
+    #[arg(long, env = "NODEPLANE_STATE_DIR", default_value = crate::inspect::DEFAULT_STATE_DIR,
+          value_name = "DIR")]
+    pub state_dir: std::path::PathBuf,
+
     /// Log NetworkPolicy verdicts as JSON lines (one object per denied packet, and per
     /// allowed new flow with --flow-log-allowed) to this file (appended to, created 0640) or
     /// to stdout with `-`. Default: off. The line format is in docs/METRICS.md.
@@ -167,6 +189,9 @@ struct FileConfig {
     iface_interval: Option<String>,
     counters_interval: Option<String>,
     occupancy_interval: Option<String>,
+    conntrack_gc_interval: Option<String>,
+    bpffs_dir: Option<String>,
+    state_dir: Option<String>,
     flow_log: Option<String>,
     flow_log_allowed: Option<bool>,
     flow_log_rate: Option<u32>,
@@ -198,6 +223,11 @@ pub struct Config {
     pub counters_interval: Duration,
     /// 0: no map census.
     pub occupancy_interval: Duration,
+    /// The conntrack expiry pass's interval.
+    pub conntrack_gc: crate::ctgc::Interval,
+    pub bpffs_dir: std::path::PathBuf,
+    /// Where `inspect`'s names snapshot is written.
+    pub state_dir: std::path::PathBuf,
     /// `None`: no flow log (`--flow-log` not given or empty).
     pub flow_log: Option<FlowLogConfig>,
 }
@@ -271,6 +301,9 @@ impl Config {
         from_file!(iface_interval, "ifaceInterval", |v| parse_duration(&v));
         from_file!(counters_interval, "countersInterval", |v| parse_duration(&v));
         from_file!(occupancy_interval, "occupancyInterval", |v| parse_duration(&v));
+        from_file!(conntrack_gc_interval, "conntrackGcInterval", |v| parse_duration(&v));
+        from_file!(bpffs_dir, "bpffsDir", |v| Ok(std::path::PathBuf::from(v)));
+        from_file!(state_dir, "stateDir", |v| Ok(std::path::PathBuf::from(v)));
         from_file!(flow_log, "flowLog", |v| Ok(Some(v)));
         from_file!(flow_log_allowed, "flowLogAllowed", |v| Ok(v));
         from_file!(flow_log_rate, "flowLogRate", |v| Ok(v));
@@ -319,6 +352,9 @@ impl Config {
             iface_interval: args.iface_interval,
             counters_interval: args.counters_interval,
             occupancy_interval: args.occupancy_interval,
+            conntrack_gc: crate::ctgc::Interval::from_flag(args.conntrack_gc_interval),
+            bpffs_dir: args.bpffs_dir,
+            state_dir: args.state_dir,
             flow_log,
         })
     }
@@ -489,6 +525,19 @@ mod tests {
     }
 
     #[test]
+    fn state_dir_from_flag_file_and_default() {
+        let c = resolve(&["--node-name=n"], "").unwrap();
+        assert_eq!(c.state_dir, std::path::PathBuf::from("/run/nodeplane"));
+        let c = resolve(&["--node-name=n"], "stateDir: /var/run/np\n").unwrap();
+        assert_eq!(c.state_dir, std::path::PathBuf::from("/var/run/np"));
+        let c =
+            resolve(&["--node-name=n", "--state-dir=/tmp/x"], "stateDir: /var/run/np\n").unwrap();
+        assert_eq!(c.state_dir, std::path::PathBuf::from("/tmp/x"), "the flag wins");
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("[env: NODEPLANE_STATE_DIR"), "{help}");
+    }
+
+    #[test]
     fn occupancy_interval_from_flag_env_file_and_default() {
         let c = resolve(&["--node-name=n"], "").unwrap();
         assert_eq!(c.occupancy_interval, Duration::from_secs(10));
@@ -502,6 +551,21 @@ mod tests {
         assert!(format!("{e:#}").contains("occupancyInterval"), "{e:#}");
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("[env: NODEPLANE_OCCUPANCY_INTERVAL"), "{help}");
+    }
+
+    #[test]
+    fn conntrack_gc_interval_is_adaptive_unless_set() {
+        use crate::ctgc::Interval;
+        let c = resolve(&["--node-name=n"], "").unwrap();
+        assert_eq!(c.conntrack_gc, Interval::Adaptive);
+        let c = resolve(&["--node-name=n"], "conntrackGcInterval: 30s\n").unwrap();
+        assert_eq!(c.conntrack_gc, Interval::Fixed(Duration::from_secs(30)));
+        let c =
+            resolve(&["--node-name=n", "--conntrack-gc-interval=2s"], "conntrackGcInterval: 30s\n")
+                .unwrap();
+        assert_eq!(c.conntrack_gc, Interval::Fixed(Duration::from_secs(2)), "the flag wins");
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("[env: NODEPLANE_CONNTRACK_GC_INTERVAL"), "{help}");
     }
 
     #[test]

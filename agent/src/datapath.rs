@@ -1,9 +1,11 @@
-//! The kernel side as the agent sees it: load the embedded eBPF object, attach the tc
-//! program to pod interfaces, write the service maps ([`MapWriter`]) and the policy maps
+//! The kernel side as the agent sees it: load the embedded eBPF object (on its own, or
+//! adopting what is pinned on bpffs, [`crate::pin`]), attach the tc programs to pod
+//! interfaces, write the service maps ([`MapWriter`]) and the policy maps
 //! ([`PolicyWriter`]), and read counters and map sizes.
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    path::PathBuf,
 };
 
 use aya::{
@@ -12,7 +14,11 @@ use aya::{
         Array, HashMap, IterableMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
         lpm_trie::Key,
     },
-    programs::{SchedClassifier, TcAttachType},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
 };
 use nodeplane_common::{
     maps::{BackendV4, Counter, CtKeyV4, CtValueV4, ServiceKeyV4, ServiceValue, SlotKey, names},
@@ -20,13 +26,16 @@ use nodeplane_common::{
         EndpointV4, FragKeyV4, FragValueV4, IpcacheKeyV4, PolicyConfig, PolicyCounterKey,
         PolicyCtKey, PolicyCtValue, PolicyKey, PolicyValue,
     },
-    reason::Reason,
+    // `CounterHook`: the program a counter belongs to (`pin::Hook` is the attach point).
+    reason::{Hook as CounterHook, Reason, counter_index},
 };
+use tracing::{info, warn};
 
 use crate::{
     model::Ipv4Cidr,
+    pin::{self, Hook as LinkHook, Layout, MapPin, PinDir, PinError},
     policy::{PolicyOp, PolicyWriteError, PolicyWriter},
-    sync::{MapWriter, Op, WriteError},
+    sync::{MapWriter, Op, WriteError, WriteFailure},
 };
 
 /// The eBPF object built by `build.rs` from `dataplane-ebpf/`.
@@ -48,13 +57,54 @@ pub enum DatapathError {
     Attach { iface: String, source: aya::programs::ProgramError },
     #[error("listing network interfaces: {0}")]
     Interfaces(std::io::Error),
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("pinned link {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error("pinning {what} at {path}: {source}")]
+    PinObject { what: &'static str, path: PathBuf, source: aya::pin::PinError },
+    #[error("copying {map} from {from}: {source}")]
+    Migrate { map: String, from: PathBuf, source: std::io::Error },
 }
 
-/// A loaded datapath. Dropping it detaches every program and frees the maps.
+/// A loaded datapath. Unpinned ([`Datapath::load`]), dropping it detaches every program and
+/// frees the maps; pinned ([`Datapath::open_pinned`]), everything stays in the kernel.
 pub struct Datapath {
     ebpf: Ebpf,
     maps: Maps,
-    attached: BTreeSet<String>,
+    /// Interfaces the programs are attached to, by name and index (a pod interface deleted
+    /// and re-created under the same name is a new interface).
+    attached: BTreeSet<(String, u32)>,
+    pins: Option<Pinned>,
+}
+
+/// What a pinned datapath found on bpffs, and what it retires once its programs run.
+struct Pinned {
+    dir: PinDir,
+    /// The directory's lock, held for the life of the datapath.
+    _lock: std::fs::File,
+    layouts: BTreeMap<String, Layout>,
+    /// Maps whose pin existed: their contents are the last agent's.
+    adopted: BTreeSet<String>,
+    /// Pins of other layouts (or of maps this build lacks), removed by `finish_upgrade`.
+    stale: Vec<MapPin>,
+    /// `(map, old pin)`: state copied at load into a resized map, copied again (what was
+    /// added meanwhile) by `finish_upgrade`.
+    migrations: Vec<(String, PathBuf)>,
+    /// Link pins this process attached or took over.
+    links: BTreeSet<PathBuf>,
+    finished: bool,
+}
+
+/// What [`Datapath::finish_upgrade`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Retired {
+    /// Map pins of older layouts removed.
+    pub maps: usize,
+    /// Link pins nobody attached this time (interfaces gone or no longer matching).
+    pub links: usize,
+    /// Entries copied into resized state maps after the switch.
+    pub copied: usize,
 }
 
 /// Typed handles on the maps, taken out of the object at load.
@@ -128,7 +178,120 @@ impl Datapath {
             flow_event_counters: take_map(&mut ebpf, names::FLOW_EVENT_COUNTERS)?,
             flow_events: Some(take_map(&mut ebpf, names::FLOW_EVENTS)?),
         };
-        Ok(Self { ebpf, maps, attached: BTreeSet::new() })
+        Ok(Self { ebpf, maps, attached: BTreeSet::new(), pins: None })
+    }
+
+    /// Loads the embedded object onto the maps pinned under `dir`, creating (and pinning)
+    /// those that are not there; `overrides` change maps' `max_entries` (tests). Nothing is
+    /// attached yet: the programs run only when [`Datapath::attach_matching`] attaches
+    /// them or takes over pinned links; until then the programs of the last agent, if any,
+    /// keep running on the same maps.
+    pub fn open_pinned(dir: PinDir, overrides: &[(&str, u32)]) -> Result<Self, DatapathError> {
+        dir.prepare()?;
+        let lock = dir.lock()?;
+        let layouts = pin::object_layouts(EBPF_OBJECT, overrides)?;
+        let existing = dir.map_pins()?;
+        let paths: BTreeMap<&str, PathBuf> =
+            layouts.iter().map(|(name, l)| (name.as_str(), dir.map(name, l))).collect();
+        let adopted: BTreeSet<String> =
+            paths.iter().filter(|(_, p)| p.exists()).map(|(n, _)| n.to_string()).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        for (name, n) in overrides {
+            loader.map_max_entries(name, *n);
+        }
+        let mut dp = Self::load_with(&mut loader)?;
+        let current: BTreeSet<&PathBuf> = paths.values().collect();
+        let stale: Vec<MapPin> =
+            existing.into_iter().filter(|p| !current.contains(&p.path)).collect();
+        let mut migrations = Vec::new();
+        for old in &stale {
+            let Some(layout) = layouts.get(&old.map) else { continue };
+            if adopted.contains(&old.map) || !pin::STATE_MAPS.contains(&old.map.as_str()) {
+                continue;
+            }
+            if old.kind != layout.kind() {
+                warn!(map = %old.map, from = %old.path.display(),
+                      "the map's layout changed and no converter exists: it starts empty");
+                continue;
+            }
+            let copied = copy_map(&old.path, &paths[old.map.as_str()], &old.map, layout)?;
+            info!(map = %old.map, from = old.max_entries, to = layout.max_entries, copied,
+                  "map resized: entries copied");
+            migrations.push((old.map.clone(), old.path.clone()));
+        }
+        dp.pins = Some(Pinned {
+            dir,
+            _lock: lock,
+            layouts,
+            adopted,
+            stale,
+            migrations,
+            links: BTreeSet::new(),
+            finished: false,
+        });
+        Ok(dp)
+    }
+
+    /// Whether map `name` was adopted from a pin (it holds the last agent's entries).
+    /// Always false for an unpinned datapath.
+    pub fn adopted(&self, name: &str) -> bool {
+        self.pins.as_ref().is_some_and(|p| p.adopted.contains(name))
+    }
+
+    /// The pin directory, if pinned.
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref().map(|p| &p.dir)
+    }
+
+    /// Called once every pod interface runs this build's programs: pins the programs
+    /// (replacing the last agent's), copies what the old programs added to resized state
+    /// maps since the load, removes map pins of older layouts and link pins nothing took
+    /// over. Does nothing for an unpinned datapath, or a second time.
+    pub fn finish_upgrade(&mut self) -> Result<Retired, DatapathError> {
+        let mut retired = Retired::default();
+        let Some(pinned) = self.pins.as_mut() else { return Ok(retired) };
+        if pinned.finished {
+            return Ok(retired);
+        }
+        for name in PROGRAMS.map(|(name, _)| name) {
+            let path = pinned.dir.prog(name);
+            // (No dot: bpffs refuses them.)
+            let tmp = pinned.dir.progs_dir().join(format!("{name}-new"));
+            let _ = std::fs::remove_file(&tmp);
+            let program = classifier_mut(&mut self.ebpf, name)?;
+            program.pin(&tmp).map_err(|source| DatapathError::PinObject {
+                what: "a program",
+                path: tmp.clone(),
+                source,
+            })?;
+            // rename(2) replaces the old pin in one step: `inspect trace` always finds one.
+            std::fs::rename(&tmp, &path).map_err(|e| PinError::Io {
+                what: "renaming",
+                path: tmp.clone(),
+                source: e,
+            })?;
+        }
+        for (map, old) in &pinned.migrations {
+            let layout = &pinned.layouts[map];
+            retired.copied += copy_map(old, &pinned.dir.map(map, layout), map, layout)?;
+        }
+        for old in std::mem::take(&mut pinned.stale) {
+            remove_pin(&old.path)?;
+            info!(map = %old.map, pin = %old.path.display(), "removed the pin of an older layout");
+            retired.maps += 1;
+        }
+        for link in pinned.dir.link_pins()? {
+            if !pinned.links.contains(&link.path) {
+                remove_pin(&link.path)?;
+                info!(iface = %link.iface, hook = link.hook.as_str(), "detached a stale link");
+                retired.links += 1;
+            }
+        }
+        pinned.finished = true;
+        Ok(retired)
     }
 
     /// The `from_pod` program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -150,48 +313,167 @@ impl Datapath {
 
     /// Attaches [`PROGRAMS`] to every interface whose name starts with `prefix` and that is
     /// not attached yet. Returns the newly attached names.
+    ///
+    /// Pinned, an interface whose link is pinned gets this build's program on that link
+    /// in one step (`bpf_link_update`), and a new link is pinned. Link pins of interfaces
+    /// that no longer exist are removed.
     pub fn attach_matching(&mut self, prefix: &str) -> Result<Vec<String>, DatapathError> {
-        let names = interface_names().map_err(DatapathError::Interfaces)?;
+        let present = interfaces().map_err(DatapathError::Interfaces)?;
         let mut new = Vec::new();
-        for name in names.into_iter().filter(|n| n.starts_with(prefix)) {
-            if self.attached.contains(&name) {
+        for (name, index) in present.iter().filter(|(n, _)| n.starts_with(prefix)) {
+            let key = (name.clone(), *index);
+            if self.attached.contains(&key) {
                 continue;
             }
             for (prog, hook) in PROGRAMS {
-                // tcx (kernel >= 6.6) needs no clsact qdisc; aya falls back to netlink below.
-                classifier_mut(&mut self.ebpf, prog)?
-                    .attach(&name, hook)
-                    .map_err(|source| DatapathError::Attach { iface: name.clone(), source })?;
+                self.attach_one(name, *index, prog, hook)?;
             }
-            self.attached.insert(name.clone());
-            new.push(name);
+            self.attached.insert(key);
+            new.push(name.clone());
         }
         // Interfaces that disappeared (pod deleted) took their attachment with them.
-        let live = interface_names().map_err(DatapathError::Interfaces)?;
-        self.attached.retain(|n| live.contains(n));
+        let live = interfaces().map_err(DatapathError::Interfaces)?;
+        self.attached.retain(|(n, i)| live.get(n) == Some(i));
+        if let Some(pinned) = &mut self.pins {
+            let by_index: BTreeMap<u32, String> =
+                live.iter().map(|(name, i)| (*i, name.replace('.', "_"))).collect();
+            for link in pinned.dir.link_pins()? {
+                if by_index.get(&link.ifindex) != Some(&link.iface) {
+                    remove_pin(&link.path)?;
+                    pinned.links.remove(&link.path);
+                }
+            }
+        }
         Ok(new)
     }
 
-    /// Counters summed over CPUs, one per reason.
-    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, DatapathError> {
+    fn attach_one(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        prog: &'static str,
+        hook: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        let attach_err = |source| DatapathError::Attach { iface: iface.to_string(), source };
+        let program = classifier_mut(&mut self.ebpf, prog)?;
+        let Some(pinned) = &mut self.pins else {
+            // tcx (kernel >= 6.6) needs no clsact qdisc; aya falls back to netlink below.
+            program.attach(iface, hook).map_err(attach_err)?;
+            return Ok(());
+        };
+        let path = pinned.dir.link(iface, ifindex, pin_hook(hook));
+        let link_err = |source| DatapathError::Link { path: path.clone(), source };
+        if path.exists() {
+            let link = PinnedLink::from_pin(&path).map_err(link_err)?;
+            let link = SchedClassifierLink::try_from(FdLink::from(link)).map_err(link_err)?;
+            match program.attach_to_link(link) {
+                Ok(id) => {
+                    // Our descriptor closes here; the pin keeps the link.
+                    drop(program.take_link(id).map_err(attach_err)?);
+                    pinned.links.insert(path);
+                    return Ok(());
+                }
+                // A defunct link (its device went away): attach afresh below.
+                Err(e) => {
+                    warn!(%iface, error = %e, "replacing the program of a pinned link failed");
+                    remove_pin(&path)?;
+                }
+            }
+        }
+        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+        let id = program.attach_with_options(iface, hook, options).map_err(attach_err)?;
+        let link =
+            FdLink::try_from(program.take_link(id).map_err(attach_err)?).map_err(link_err)?;
+        link.pin(&path).map_err(|source| DatapathError::PinObject {
+            what: "a link",
+            path: path.clone(),
+            source,
+        })?;
+        pinned.links.insert(path);
+        Ok(())
+    }
+
+    /// Counters summed over CPUs, one per hook and reason.
+    pub fn counters(&self) -> Result<Vec<(CounterHook, Reason, Counter)>, DatapathError> {
         self.maps.counters()
     }
 }
 
+/// What the maps the agent writes hold, read back at start-up to adopt a pinned datapath.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub services: BTreeMap<ServiceKeyV4, ServiceValue>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    pub backends: BTreeMap<u32, BackendV4>,
+    /// `IPCACHE_V4`, `ENDPOINTS_V4`, and the rules of `POLICY_V4` and `POLICY_EXACT_V4`.
+    pub policy: crate::policy::compute::PolicyMaps,
+    pub policy_config: PolicyConfig,
+}
+
 impl Maps {
-    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, DatapathError> {
-        Reason::ALL
+    /// Reads every map the agent writes (see [`Written`]).
+    pub fn read_written(&self) -> Result<Written, DatapathError> {
+        fn all<K: aya::Pod + Ord, V: aya::Pod>(
+            name: &'static str,
+            map: &HashMap<MapData, K, V>,
+        ) -> Result<BTreeMap<K, V>, DatapathError> {
+            map.iter().map(|e| e.map_err(|source| DatapathError::Map { name, source })).collect()
+        }
+        let mut w = Written {
+            services: all(names::SERVICES_V4, &self.services)?,
+            slots: all(names::BACKEND_SLOTS, &self.slots)?,
+            backends: all(names::BACKENDS_V4, &self.backends)?,
+            ..Written::default()
+        };
+        for entry in self.ipcache.iter() {
+            let (key, identity) =
+                entry.map_err(|source| DatapathError::Map { name: names::IPCACHE_V4, source })?;
+            let addr = std::net::Ipv4Addr::from(key.data());
+            let prefix = u8::try_from(key.prefix_len()).ok();
+            if let Some(cidr) = prefix.and_then(|l| Ipv4Cidr::new(addr, l)) {
+                w.policy.ipcache.insert(cidr, identity);
+            }
+        }
+        for entry in self.endpoints.iter() {
+            let (addr, endpoint) =
+                entry.map_err(|source| DatapathError::Map { name: names::ENDPOINTS_V4, source })?;
+            w.policy.endpoints.insert(addr.into(), endpoint);
+        }
+        for entry in self.policy.iter() {
+            let (key, value) =
+                entry.map_err(|source| DatapathError::Map { name: names::POLICY_V4, source })?;
+            w.policy.rules.insert((key.data(), key.prefix_len()), value);
+        }
+        for entry in self.policy_exact.iter() {
+            let (key, value) = entry
+                .map_err(|source| DatapathError::Map { name: names::POLICY_EXACT_V4, source })?;
+            w.policy.rules.insert((key, PolicyKey::PREFIX_FULL), value);
+        }
+        w.policy_config = self
+            .policy_config
+            .get(&0, 0)
+            .map_err(|source| DatapathError::Map { name: names::POLICY_CONFIG, source })?;
+        Ok(w)
+    }
+}
+
+impl Maps {
+    /// `COUNTERS` summed over CPUs: every (hook, reason), in [`CounterHook::ALL`] then
+    /// [`Reason::ALL`] order.
+    pub fn counters(&self) -> Result<Vec<(CounterHook, Reason, Counter)>, DatapathError> {
+        CounterHook::ALL
             .iter()
-            .map(|&reason| {
+            .flat_map(|&hook| Reason::ALL.iter().map(move |&reason| (hook, reason)))
+            .map(|(hook, reason)| {
                 let per_cpu = self
                     .counters
-                    .get(&(reason as u32), 0)
+                    .get(&counter_index(hook, reason), 0)
                     .map_err(|source| DatapathError::Map { name: names::COUNTERS, source })?;
                 let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
                     packets: acc.packets + c.packets,
                     bytes: acc.bytes + c.bytes,
                 });
-                Ok((reason, total))
+                Ok((hook, reason, total))
             })
             .collect()
     }
@@ -304,7 +586,8 @@ impl<K: aya::Pod, V: aya::Pod> BatchReader<K, V> {
     /// `ENOSPC` when one bucket alone is larger; buckets hold a handful of entries.
     pub const CHUNK: usize = 4096;
 
-    fn new(name: &'static str, map: &HashMap<MapData, K, V>) -> Result<Self, DatapathError> {
+    /// A reader on its own descriptor of `map` (`name` for messages).
+    pub fn new(name: &'static str, map: &HashMap<MapData, K, V>) -> Result<Self, DatapathError> {
         let data = map.map();
         let max_entries = data.info().map_err(|source| DatapathError::Map { name, source })?;
         let fd = (data.fd().as_fd().try_clone_to_owned())
@@ -416,7 +699,11 @@ impl PolicyWriter for Maps {
             }
             PolicyOp::SetConfig(config) => self.policy_config.set(0, config, 0),
         };
-        result.map_err(|e| PolicyWriteError { op: op.clone(), reason: e.to_string() })
+        result.map_err(|e| PolicyWriteError {
+            op: op.clone(),
+            reason: e.to_string(),
+            failure: WriteFailure::of_map_error(&e),
+        })
     }
 }
 
@@ -430,7 +717,11 @@ impl MapWriter for Maps {
             Op::DelSlot { key } => self.slots.remove(&key),
             Op::DelBackend { id } => self.backends.remove(&id),
         };
-        result.map_err(|e| WriteError { op: op.clone(), reason: e.to_string() })
+        result.map_err(|e| WriteError {
+            op: op.clone(),
+            reason: e.to_string(),
+            failure: WriteFailure::of_map_error(&e),
+        })
     }
 }
 
@@ -460,19 +751,52 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
-/// Interface names of the current network namespace (`if_nameindex(3)`; no sysfs needed,
-/// which matters under `ip netns exec` without a remounted /sys).
-pub fn interface_names() -> std::io::Result<BTreeSet<String>> {
+fn pin_hook(hook: TcAttachType) -> LinkHook {
+    match hook {
+        TcAttachType::Egress => LinkHook::Egress,
+        _ => LinkHook::Ingress,
+    }
+}
+
+fn remove_pin(path: &std::path::Path) -> Result<(), DatapathError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(PinError::Io { what: "removing", path: path.to_path_buf(), source: e }.into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Copies the entries of the pinned map `from` missing from the pinned map `to`.
+fn copy_map(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    map: &str,
+    layout: &Layout,
+) -> Result<usize, DatapathError> {
+    let err = |source| DatapathError::Migrate { map: map.to_string(), from: from.into(), source };
+    let open = |p: &std::path::Path| {
+        MapData::from_pin(p).map_err(|e| err(std::io::Error::other(e.to_string())))
+    };
+    let (old, new) = (open(from)?, open(to)?);
+    pin::copy_entries(old.fd().as_fd(), new.fd().as_fd(), layout).map_err(err)
+}
+
+/// Interfaces of the current network namespace by name, with their indexes
+/// (`if_nameindex(3)`; no sysfs needed, which matters under `ip netns exec` without a
+/// remounted /sys).
+pub fn interfaces() -> std::io::Result<BTreeMap<String, u32>> {
     // SAFETY: if_nameindex returns a heap array terminated by a zero entry, freed below.
     unsafe {
         let head = libc::if_nameindex();
         if head.is_null() {
             return Err(std::io::Error::last_os_error());
         }
-        let mut names = BTreeSet::new();
+        let mut names = BTreeMap::new();
         let mut cur = head;
         while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
-            names.insert(std::ffi::CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned());
+            let name = std::ffi::CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned();
+            names.insert(name, (*cur).if_index);
             cur = cur.add(1);
         }
         libc::if_freenameindex(head);

@@ -17,15 +17,18 @@
 //! ```
 pub mod agent;
 pub mod config;
+pub mod ctgc;
 pub mod datapath;
 pub mod desired;
 pub mod events;
 pub mod flowlog;
 pub mod health;
 pub mod index;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod occupancy;
+pub mod pin;
 pub mod policy;
 pub mod source;
 pub mod sync;

@@ -34,7 +34,23 @@ enum Command {
     ///
     /// Every setting can also come from an environment variable (shown with each flag) or
     /// from the --config file; flags win over the environment, which wins over the file.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Remove the datapath from this node: unpin every link (which detaches the programs
+    /// from the pod interfaces), program and map the agent pinned, and the directory.
+    /// Stop the agent first (delete the DaemonSet): a running agent attaches again.
+    /// Nothing pinned is not an error.
+    Uninstall {
+        /// The agent's --bpffs-dir.
+        #[arg(long, env = "NODEPLANE_BPFFS_DIR", default_value = nodeplane_agent::pin::DEFAULT_DIR,
+              value_name = "DIR")]
+        bpffs_dir: std::path::PathBuf,
+    },
+    // --- inspect (docs/INSPECT.md) ---
+    /// Show what the datapath on this node holds and does, from the maps and programs the
+    /// agent pinned: Services and their backends, conntrack, NAT, a pod's policy, and a
+    /// traced packet. Works while the agent runs or not; needs root.
+    Inspect(nodeplane_agent::inspect::InspectArgs),
+    // --- end inspect ---
 }
 
 #[tokio::main]
@@ -45,10 +61,35 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let run_matches = matches.subcommand_matches("run").expect("the run subcommand");
-            let config = Config::resolve(args, run_matches)?;
+            let config = Config::resolve(*args, run_matches)?;
             tracing::debug!(?config, "configuration");
             nodeplane_agent::agent::run(config, log).await
         }
+        Command::Uninstall { bpffs_dir } => {
+            let pins = nodeplane_agent::pin::PinDir::new(&bpffs_dir);
+            if !pins.root().exists() {
+                println!("nothing pinned at {}", bpffs_dir.display());
+                return Ok(());
+            }
+            anyhow::ensure!(
+                !pins.in_use()?,
+                "an agent is running with {}: stop it first (delete the DaemonSet)",
+                bpffs_dir.display()
+            );
+            let removed = pins.remove_all()?;
+            println!("removed {removed} pins and {}", bpffs_dir.display());
+            Ok(())
+        }
+        Command::Inspect(args) => match nodeplane_agent::inspect::run(&args) {
+            Ok(out) => {
+                print!("{out}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
     }
 }
 

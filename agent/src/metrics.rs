@@ -2,8 +2,8 @@
 //!
 //! Names follow Prometheus conventions (base units, `_seconds`, `_total`); every metric is
 //! listed in docs/METRICS.md. They cover the control plane (how fresh the sources are, how
-//! fast changes reach the maps, what was skipped), the datapath's per-reason counters and
-//! how full its maps are. The metrics server also carries `/loglevel` ([`LogLevel`]).
+//! fast changes reach the maps, what was skipped), the datapath's per-hook and per-reason
+//! counters and how full its maps are. The metrics server also carries `/loglevel` ([`LogLevel`]).
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
@@ -30,7 +30,7 @@ use prometheus_client::{
 use std::sync::atomic::AtomicU64;
 use tokio::net::TcpListener;
 
-use nodeplane_common::reason::Reason;
+use nodeplane_common::reason::{Hook, Reason};
 
 use crate::{
     health::Health,
@@ -48,9 +48,20 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
-/// A datapath outcome: its reason and whether it dropped the packet.
+use crate::sync::WriteFailure;
+
+/// A failed sync: which maps (`service`, `policy`) and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncErrorLabel {
+    pub maps: String,
+    pub reason: String,
+}
+
+/// A datapath outcome: the program that counted it (`from_pod`, `to_pod`), its reason and
+/// whether it dropped the packet.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerdictLabel {
+    pub hook: String,
     pub reason: String,
     pub verdict: String,
 }
@@ -138,7 +149,8 @@ pub struct Metrics {
     /// Time from the agent receiving a change to the maps.
     pub event_programming: Histogram,
     pub sync_duration: Histogram,
-    pub sync_errors: Counter,
+    /// By `(maps, reason)`: see [`Metrics::observe_sync_error`].
+    pub sync_errors: Family<SyncErrorLabel, Counter>,
     pub source_stale: Family<KindLabel, Gauge<f64, AtomicU64>>,
     pub source_errors: Family<KindLabel, Counter>,
     pub source_lists: Family<KindLabel, Counter>,
@@ -156,10 +168,12 @@ pub struct Metrics {
     pub map_capacity: Family<MapLabel, Gauge>,
     pub conntrack_entries: Family<ConntrackLabel, Gauge>,
     pub census_duration: Histogram,
+    /// The conntrack GC's (`nodeplane_conntrack_gc_*`).
+    pub conntrack_gc: crate::ctgc::GcMetrics,
     /// Last seen totals of the source's counters, to add only the difference.
     seen: Mutex<BTreeMap<Kind, (u64, u64)>>,
-    /// Last seen datapath totals per reason (packets, bytes).
-    seen_datapath: Mutex<BTreeMap<&'static str, (u64, u64)>>,
+    /// Last seen datapath totals per hook and reason (packets, bytes).
+    seen_datapath: Mutex<BTreeMap<(Hook, Reason), (u64, u64)>>,
     /// Last seen policy verdict totals.
     seen_verdicts: Mutex<BTreeMap<PolicyVerdictLabel, u64>>,
     /// Last seen flow event totals per outcome.
@@ -181,7 +195,7 @@ impl Metrics {
             network_programming: latency(),
             event_programming: latency(),
             sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
-            sync_errors: Counter::default(),
+            sync_errors: Family::default(),
             source_stale: Family::default(),
             source_errors: Family::default(),
             source_lists: Family::default(),
@@ -200,23 +214,31 @@ impl Metrics {
             conntrack_entries: Family::default(),
             // 100 us .. ~3 s.
             census_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            conntrack_gc: Default::default(),
             seen: Mutex::default(),
             seen_datapath: Mutex::default(),
             seen_verdicts: Mutex::default(),
             seen_flow_events: Mutex::default(),
             registry: Registry::default(),
         };
+        // Every failure kind exported from the start, so `increase()` sees the first one.
+        for maps in ["service", "policy"] {
+            for reason in [WriteFailure::MapFull, WriteFailure::NoEntry, WriteFailure::Other] {
+                let label = SyncErrorLabel { maps: maps.into(), reason: reason.as_str().into() };
+                drop(m.sync_errors.get_or_create(&label));
+            }
+        }
         let build = Family::<BuildLabel, Gauge>::default();
         build.get_or_create(&BuildLabel { version: env!("CARGO_PKG_VERSION").into() }).set(1);
         registry.register("build_info", "The agent's version (always 1)", build);
         registry.register(
             "datapath_packets",
-            "Packets seen by the datapath programs, by outcome (per-CPU counters summed)",
+            "Packets seen by the datapath programs, by hook and outcome (per-CPU counters summed)",
             m.datapath_packets.clone(),
         );
         registry.register(
             "datapath_bytes",
-            "Bytes seen by the datapath programs, by outcome",
+            "Bytes seen by the datapath programs, by hook and outcome",
             m.datapath_bytes.clone(),
         );
         registry.register(
@@ -236,7 +258,8 @@ impl Metrics {
         );
         registry.register(
             "sync_errors",
-            "Syncs that failed to write the maps",
+            "Syncs that failed to write the maps, by maps (service, policy) and reason \
+             (map_full, no_entry, write_failed)",
             m.sync_errors.clone(),
         );
         registry.register(
@@ -315,7 +338,14 @@ impl Metrics {
             "Time to count the entries of the maps the datapath fills (conntrack, frags)",
             m.census_duration.clone(),
         );
+        m.conntrack_gc.register(&mut registry);
         Self { registry, ..m }
+    }
+
+    /// Counts a failed sync in `nodeplane_sync_errors_total{maps,reason}`.
+    pub fn observe_sync_error(&self, (maps, reason): (&str, &str)) {
+        let label = SyncErrorLabel { maps: maps.to_string(), reason: reason.to_string() };
+        self.sync_errors.get_or_create(&label).inc();
     }
 
     /// Sets `nodeplane_map_capacity{map}`.
@@ -408,14 +438,15 @@ impl Metrics {
 
     /// Adds what the datapath counted since the last call. A total that went down (the
     /// maps were recreated with a new datapath) counts from zero again.
-    pub fn observe_datapath(&self, counters: &[(Reason, nodeplane_common::maps::Counter)]) {
+    pub fn observe_datapath(&self, counters: &[(Hook, Reason, nodeplane_common::maps::Counter)]) {
         let mut seen = self.seen_datapath.lock().unwrap_or_else(|e| e.into_inner());
-        for (reason, c) in counters {
+        for &(hook, reason, c) in counters {
             let label = VerdictLabel {
+                hook: hook.name().into(),
                 reason: reason.name().into(),
                 verdict: if reason.is_drop() { "drop" } else { "pass" }.into(),
             };
-            let (packets, bytes) = seen.entry(reason.name()).or_default();
+            let (packets, bytes) = seen.entry((hook, reason)).or_default();
             let grow = |now: u64, before: u64| if now >= before { now - before } else { now };
             self.datapath_packets.get_or_create(&label).inc_by(grow(c.packets, *packets));
             self.datapath_bytes.get_or_create(&label).inc_by(grow(c.bytes, *bytes));
@@ -636,23 +667,41 @@ mod tests {
         use nodeplane_common::maps::Counter;
         let m = Metrics::new();
         let at = |p, b| Counter { packets: p, bytes: b };
-        m.observe_datapath(&[(Reason::NatNew, at(3, 300)), (Reason::DropNoBackends, at(1, 60))]);
-        m.observe_datapath(&[(Reason::NatNew, at(5, 500)), (Reason::DropNoBackends, at(1, 60))]);
+        let (from, to) = (Hook::FromPod, Hook::ToPod);
+        let policy = Reason::DropPolicy;
+        m.observe_datapath(&[
+            (from, Reason::NatNew, at(3, 300)),
+            (from, Reason::DropNoBackends, at(1, 60)),
+            (from, policy, at(0, 0)),
+            (to, policy, at(2, 120)),
+        ]);
+        m.observe_datapath(&[
+            (from, Reason::NatNew, at(5, 500)),
+            (from, Reason::DropNoBackends, at(1, 60)),
+            (from, policy, at(0, 0)),
+            (to, policy, at(4, 240)),
+        ]);
         let text = m.encode();
         for line in [
-            "nodeplane_datapath_packets_total{reason=\"nat-new\",verdict=\"pass\"} 5",
-            "nodeplane_datapath_bytes_total{reason=\"nat-new\",verdict=\"pass\"} 500",
-            "nodeplane_datapath_packets_total{reason=\"no-backends\",verdict=\"drop\"} 1",
+            "nodeplane_datapath_packets_total{hook=\"from_pod\",reason=\"nat-new\",verdict=\"pass\"} 5",
+            "nodeplane_datapath_bytes_total{hook=\"from_pod\",reason=\"nat-new\",verdict=\"pass\"} 500",
+            "nodeplane_datapath_packets_total{hook=\"from_pod\",reason=\"no-backends\",verdict=\"drop\"} 1",
+            // The same reason at two hooks: two series, each with its own count.
+            "nodeplane_datapath_packets_total{hook=\"to_pod\",reason=\"policy-denied\",verdict=\"drop\"} 4",
+            "nodeplane_datapath_bytes_total{hook=\"to_pod\",reason=\"policy-denied\",verdict=\"drop\"} 240",
+            "nodeplane_datapath_packets_total{hook=\"from_pod\",reason=\"policy-denied\",verdict=\"drop\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
         // A new datapath starts from zero: its counts are added, not subtracted.
-        m.observe_datapath(&[(Reason::NatNew, at(2, 200))]);
-        assert!(
-            m.encode().contains(
-                "nodeplane_datapath_packets_total{reason=\"nat-new\",verdict=\"pass\"} 7"
-            )
-        );
+        m.observe_datapath(&[(from, Reason::NatNew, at(2, 200)), (to, policy, at(1, 60))]);
+        let text = m.encode();
+        for line in [
+            "nodeplane_datapath_packets_total{hook=\"from_pod\",reason=\"nat-new\",verdict=\"pass\"} 7",
+            "nodeplane_datapath_packets_total{hook=\"to_pod\",reason=\"policy-denied\",verdict=\"drop\"} 5",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 
     #[test]
@@ -775,13 +824,31 @@ mod tests {
         out
     }
 
+    /// The label names of each exported series, from its samples (`le` of a histogram's
+    /// buckets included).
+    fn exported_labels(text: &str) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out = BTreeMap::<String, BTreeSet<String>>::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, rest)) = line.split_once('{') else { continue };
+            let labels = out.entry(name.to_string()).or_default();
+            let pairs = rest.rsplit_once('}').map_or(rest, |(pairs, _)| pairs);
+            for pair in pairs.split("\",") {
+                labels.extend(pair.split_once('=').map(|(k, _)| k.to_string()));
+            }
+        }
+        out
+    }
+
     /// Metrics with a sample in every family: the text format leaves empty families out.
     /// A new family must get one here before the dashboard may use it.
     fn populated() -> Metrics {
         use crate::occupancy::{CONNTRACK, CtCounts, MapUsage};
         let m = Metrics::new();
         m.observe_source(&SourceHealth::default(), Instant::now());
-        let all: Vec<_> = Reason::ALL.iter().map(|r| (*r, Default::default())).collect();
+        let all: Vec<_> = Hook::ALL
+            .iter()
+            .flat_map(|h| Reason::ALL.iter().map(|r| (*h, *r, Default::default())))
+            .collect();
         m.observe_datapath(&all);
         m.objects.get_or_create(&KindLabel { kind: "Service".into() }).set(1);
         m.skipped.get_or_create(&ReasonLabel { reason: "invalid_port".into() }).set(1);
@@ -805,7 +872,9 @@ mod tests {
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let dash: serde_json::Value =
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let exported = exported_series(&populated().encode());
+        let text = populated().encode();
+        let exported = exported_series(&text);
+        let labels = exported_labels(&text);
         assert!(exported.contains("nodeplane_sync_errors_total"), "{exported:?}");
         assert!(exported.contains("nodeplane_map_entries"), "{exported:?}");
 
@@ -818,6 +887,7 @@ mod tests {
         assert_eq!(vars, ["datasource", "node"]);
 
         let mut used = BTreeSet::new();
+        let mut used_labels = BTreeSet::new();
         let panels = dash["panels"].as_array().expect("panels");
         for panel in panels.iter().filter(|p| p["type"] != "row") {
             let title = panel["title"].as_str().unwrap_or("?");
@@ -832,6 +902,20 @@ mod tests {
                     .filter(|t| t.starts_with("nodeplane_"))
                     .collect();
                 assert!(!names.is_empty(), "{title}: {expr} uses no nodeplane metric");
+                // A `by (...)` label the series lack would silently give one line for all.
+                let known: BTreeSet<&str> = names
+                    .iter()
+                    .flat_map(|n| labels.get(*n).into_iter().flatten())
+                    .map(String::as_str)
+                    .chain(["instance"])
+                    .collect();
+                for clause in expr.split("by (").skip(1) {
+                    let grouped = clause.split_once(')').map_or(clause, |(g, _)| g);
+                    for label in grouped.split(',').map(str::trim) {
+                        assert!(known.contains(label), "{title}: {expr} groups by {label}");
+                        used_labels.insert(label.to_string());
+                    }
+                }
                 for name in names {
                     assert!(
                         exported.contains(name),
@@ -862,6 +946,7 @@ mod tests {
         ] {
             assert!(used.contains(name), "the dashboard does not plot {name}");
         }
+        assert!(used_labels.contains("hook"), "the dashboard does not split packets by hook");
     }
 
     /// One HTTP/1.0 request; returns the status code and the body.

@@ -7,7 +7,8 @@
 //! # Ids
 //!
 //! * One service id per frontend key, kept while the frontend exists.
-//! * One backend id per distinct [`BackendV4`], shared by every frontend that uses it.
+//! * One backend id per distinct [`BackendV4`], shared by every frontend that uses it,
+//!   in a slot or as a draining backend ([`Frontend::draining`]: an entry, no slot).
 //! * An id is in use while any map entry mentions it (the service entry or its slots; the
 //!   backend entry or a slot pointing at it). Ids freed while applying one plan become
 //!   reusable only in a later plan, so a plan never reuses an id it is still retiring.
@@ -21,10 +22,10 @@
 //!
 //! 1. Removed frontends: `DelService`, then their slots (and any orphaned slots).
 //! 2. New VIP markers: `PutService` with [`SVC_F_VIP_MARKER`].
-//! 3. New backends: `PutBackend`.
+//! 3. New backends (draining ones included): `PutBackend`.
 //! 4. Each new or changed frontend: `PutSlot` for changed slots `0..new_count`, then
 //!    `PutService` with the new count, then `DelSlot` for `new_count..old_count`.
-//! 5. Backends no longer referenced: `DelBackend`.
+//! 5. Backends no longer referenced by a slot or as a draining backend: `DelBackend`.
 //! 6. VIP markers of VIPs without frontends: `DelService`.
 //!
 //! Unchanged frontends produce no ops, so planning the same desired state twice yields an
@@ -68,6 +69,41 @@ pub trait MapWriter {
 pub struct WriteError {
     pub op: Op,
     pub reason: String,
+    pub failure: WriteFailure,
+}
+
+/// Why a map write failed: the `reason` of `nodeplane_sync_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteFailure {
+    /// The map is full (`E2BIG`, `ENOSPC`; the fakes' capacity).
+    MapFull,
+    /// An update or delete of a key that is not there (`ENOENT`).
+    NoEntry,
+    /// Anything else (permissions, a bad key, an injected test failure).
+    Other,
+}
+
+impl WriteFailure {
+    /// Classifies an aya map error by the errno of its syscall.
+    pub fn of_map_error(e: &aya::maps::MapError) -> Self {
+        match e {
+            aya::maps::MapError::SyscallError(s) => match s.io_error.raw_os_error() {
+                Some(libc::E2BIG | libc::ENOSPC) => Self::MapFull,
+                Some(libc::ENOENT) => Self::NoEntry,
+                _ => Self::Other,
+            },
+            aya::maps::MapError::KeyNotFound => Self::NoEntry,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MapFull => "map_full",
+            Self::NoEntry => "no_entry",
+            Self::Other => "write_failed",
+        }
+    }
 }
 
 /// Sizes of the service maps, as created by the datapath.
@@ -108,6 +144,8 @@ pub struct Syncer {
     capacity: Capacity,
     /// Frontends left out for capacity by the last apply, so the warning is logged once.
     capacity_skipped: BTreeSet<ServiceKeyV4>,
+    /// The draining backends of the frontends written, for [`Syncer::apply_changed`].
+    draining: Draining,
 }
 
 impl Syncer {
@@ -117,6 +155,30 @@ impl Syncer {
 
     pub fn with_capacity(capacity: Capacity) -> Self {
         Self { capacity, ..Self::default() }
+    }
+
+    /// Takes over maps an earlier agent wrote (pinned, read back at start-up): their entries
+    /// become what was written, ids and reference counts included. The next plan keeps
+    /// every frontend and backend that is still desired under its id, rewrites only what
+    /// differs and deletes only what is no longer desired, also what a run that died
+    /// mid-plan left half-written.
+    pub fn adopt(
+        &mut self,
+        services: &BTreeMap<ServiceKeyV4, ServiceValue>,
+        slots: &BTreeMap<SlotKey, u32>,
+        backends: &BTreeMap<u32, BackendV4>,
+    ) {
+        let mut realized = Realized::default();
+        for (id, backend) in backends {
+            realized.record(&Op::PutBackend { id: *id, backend: *backend });
+        }
+        for (key, backend_id) in slots {
+            realized.record(&Op::PutSlot { key: *key, backend_id: *backend_id });
+        }
+        for (key, value) in services {
+            realized.record(&Op::PutService { key: *key, value: *value });
+        }
+        self.realized = realized;
     }
 
     /// The ops that would turn what was written into `desired`, in a safe order. Pure: the
@@ -136,10 +198,14 @@ impl Syncer {
         self.log_capacity_skips(desired, &selection.skipped);
         let skipped = selection.skipped.len();
         let ops = self.plan_selection(&selection);
+        // Until every op is written the draining bookkeeping may not match the maps: only a
+        // full apply may follow.
+        self.draining.valid = false;
         for op in &ops {
             w.apply(op)?;
             self.realized.record(op);
         }
+        self.draining = Draining::of(selection.frontends.iter().map(|(k, _, f)| (*k, *f)));
         Ok(self.stats(ops.len(), skipped))
     }
 
@@ -159,12 +225,19 @@ impl Syncer {
         w: &mut impl MapWriter,
     ) -> Option<Result<SyncStats, WriteError>> {
         let ops = self.plan_changed(desired, changed)?;
+        self.draining.valid = false;
         for op in &ops {
             if let Err(e) = w.apply(op) {
                 return Some(Err(e));
             }
             self.realized.record(op);
         }
+        for key in changed {
+            if let Some(frontend) = desired.frontends.get(key) {
+                self.draining.set(*key, &frontend.draining);
+            }
+        }
+        self.draining.valid = true;
         Some(Ok(self.stats(ops.len(), 0)))
     }
 
@@ -179,7 +252,7 @@ impl Syncer {
 
     fn plan_changed(&self, desired: &Desired, changed: &BTreeSet<ServiceKeyV4>) -> Option<Vec<Op>> {
         let r = &self.realized;
-        if !self.capacity_skipped.is_empty() {
+        if !self.capacity_skipped.is_empty() || !self.draining.valid {
             return None;
         }
         let mut frontends = Vec::with_capacity(changed.len());
@@ -193,7 +266,7 @@ impl Syncer {
         let mut ids: BTreeMap<BackendV4, u32> = BTreeMap::new();
         let mut new_backends = Vec::new();
         for (_, _, frontend) in &frontends {
-            for b in &frontend.backends {
+            for b in frontend.backends.iter().chain(&frontend.draining) {
                 if let Some(id) = r.backend_by_value.get(b) {
                     ids.insert(*b, *id);
                 } else if !ids.contains_key(b) {
@@ -235,10 +308,26 @@ impl Syncer {
                 *delta.entry(*lost).or_default() -= 1;
             }
         }
+        // Frontends draining each backend once the changed ones are written.
+        let mut draining = self.draining.refs.clone();
+        for (key, _, frontend) in &frontends {
+            for b in self.draining.of.get(key).into_iter().flatten() {
+                *draining.entry(*b).or_default() -= 1;
+                // A backend only this frontend drained may lose its last reference.
+                if let Some(id) = r.backend_by_value.get(b) {
+                    delta.entry(*id).or_default();
+                }
+            }
+            for b in &frontend.draining {
+                *draining.entry(*b).or_default() += 1;
+            }
+        }
         // A backend's references are its own entry plus the slots naming it: one left means
-        // no slot does.
+        // no slot does. It goes unless some frontend drains it.
         for (id, d) in delta {
-            if d < 0 && i64::from(r.backend_ids.refs(id)) + d <= 1 && r.backends.contains_key(&id) {
+            let Some(backend) = r.backends.get(&id) else { continue };
+            let drained = draining.get(backend).is_some_and(|n| *n > 0);
+            if d <= 0 && i64::from(r.backend_ids.refs(id)) + d <= 1 && !drained {
                 ops.push(Op::DelBackend { id });
             }
         }
@@ -286,7 +375,7 @@ impl Syncer {
             let frontend_slots =
                 existing_id.map_or(0, |id| r.slot_count(id)).max(frontend.backends.len());
             let mut new_backends: Vec<BackendV4> = Vec::new();
-            for b in &frontend.backends {
+            for b in frontend.backends.iter().chain(&frontend.draining) {
                 if !r.backend_by_value.contains_key(b)
                     && !sel.backend_id.contains_key(b)
                     && !new_backends.contains(b)
@@ -317,7 +406,7 @@ impl Syncer {
                 sel.backend_id.insert(b, bid);
                 sel.new_backends.push((bid, b));
             }
-            for b in &frontend.backends {
+            for b in frontend.backends.iter().chain(&frontend.draining) {
                 if let Some(bid) = r.backend_by_value.get(b) {
                     sel.backend_id.entry(*b).or_insert(*bid);
                 }
@@ -387,6 +476,46 @@ impl Syncer {
             ops.push(Op::DelService { key: *key });
         }
         ops
+    }
+}
+
+/// Which frontends drain which backends ([`Frontend::draining`]) as last written: what the
+/// incremental plan needs to know before deleting a backend that lost its last slot.
+#[derive(Debug, Default)]
+struct Draining {
+    /// Non-empty draining lists by frontend.
+    of: BTreeMap<ServiceKeyV4, Vec<BackendV4>>,
+    /// Frontends draining each backend.
+    refs: BTreeMap<BackendV4, i64>,
+    /// False from the start of a write until it completes: after a failed write only a
+    /// full apply (which rebuilds this) may follow.
+    valid: bool,
+}
+
+impl Draining {
+    fn of<'a>(frontends: impl Iterator<Item = (ServiceKeyV4, &'a Frontend)>) -> Self {
+        let mut d = Self { valid: true, ..Self::default() };
+        for (key, frontend) in frontends {
+            d.set(key, &frontend.draining);
+        }
+        d
+    }
+
+    fn set(&mut self, key: ServiceKeyV4, draining: &[BackendV4]) {
+        for b in self.of.remove(&key).into_iter().flatten() {
+            if let Some(n) = self.refs.get_mut(&b) {
+                *n -= 1;
+                if *n <= 0 {
+                    self.refs.remove(&b);
+                }
+            }
+        }
+        if !draining.is_empty() {
+            for b in draining {
+                *self.refs.entry(*b).or_default() += 1;
+            }
+            self.of.insert(key, draining.to_vec());
+        }
     }
 }
 
@@ -675,7 +804,8 @@ impl FakeMaps {
         if self.slots.len() != want_slots {
             return Err(format!("{} slots, want {want_slots}", self.slots.len()));
         }
-        let want_backends: BTreeSet<&BackendV4> = want.values().flatten().collect();
+        let draining = desired.frontends.values().flat_map(|f| &f.draining);
+        let want_backends: BTreeSet<&BackendV4> = want.values().flatten().chain(draining).collect();
         let got_backends: Vec<&BackendV4> = self.backends.values().collect();
         if got_backends.len() != want_backends.len()
             || got_backends.iter().any(|b| !want_backends.contains(b))
@@ -719,15 +849,34 @@ impl FakeMaps {
     }
 }
 
+/// The fakes' error texts ("map full (N entries)", "... not in the map").
+pub(crate) fn fake_failure(reason: &str) -> WriteFailure {
+    if reason.starts_with("map full") {
+        WriteFailure::MapFull
+    } else if reason == "no such key" {
+        WriteFailure::NoEntry
+    } else {
+        WriteFailure::Other
+    }
+}
+
 impl MapWriter for FakeMaps {
     fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
         if let Some(n) = self.fail_after
             && self.writes >= n
         {
             self.fail_after = None;
-            return Err(WriteError { op: op.clone(), reason: "injected failure".to_string() });
+            return Err(WriteError {
+                op: op.clone(),
+                reason: "injected failure".to_string(),
+                failure: WriteFailure::Other,
+            });
         }
-        self.write(op).map_err(|reason| WriteError { op: op.clone(), reason })?;
+        self.write(op).map_err(|reason| WriteError {
+            op: op.clone(),
+            failure: fake_failure(&reason),
+            reason,
+        })?;
         self.writes += 1;
         Ok(())
     }
@@ -761,6 +910,7 @@ mod tests {
                     service: ObjectKey::namespaced("default", format!("svc{vip}")),
                     port_name: String::new(),
                     backends,
+                    draining: Vec::new(),
                 };
                 (fe(*vip, *port), frontend)
             })
@@ -886,6 +1036,60 @@ mod tests {
         sync(&mut syncer, &mut maps, &desired(&[(2, 80, &[3])]));
         sync(&mut syncer, &mut maps, &Desired::default());
         assert!(maps.services.is_empty() && maps.slots.is_empty() && maps.backends.is_empty());
+    }
+
+    /// `desired` with `draining` hosts on frontend `(vip, port)`.
+    fn draining(mut d: Desired, vip: u8, port: u16, hosts: &[u8]) -> Desired {
+        let frontend = d.frontends.get_mut(&fe(vip, port)).expect("the frontend");
+        frontend.draining = hosts.iter().map(|h| be(*h)).collect();
+        d
+    }
+
+    #[test]
+    fn a_draining_backend_keeps_its_entry_and_id_without_a_slot() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        sync(&mut syncer, &mut maps, &desired(&[(1, 80, &[1, 2])]));
+        let id2 = backend_id(&maps, be(2));
+        // 2 stops getting new flows but is still listed: no slot, same entry.
+        let d = draining(desired(&[(1, 80, &[1])]), 1, 80, &[2]);
+        let ops = syncer.plan(&d);
+        assert_eq!(shape(&ops), ["PutService", "DelSlot"], "{ops:?}");
+        sync(&mut syncer, &mut maps, &d);
+        assert_eq!(backend_id(&maps, be(2)), id2);
+        assert_eq!(maps.frontends()[&fe(1, 80)], vec![be(1)]);
+        // A new endpoint listed but not ready gets an entry, no slot.
+        let d = draining(desired(&[(1, 80, &[1])]), 1, 80, &[2, 3]);
+        assert_eq!(shape(&syncer.plan(&d)), ["PutBackend"]);
+        sync(&mut syncer, &mut maps, &d);
+        // Gone from the slices: the entries go.
+        let d = desired(&[(1, 80, &[1])]);
+        assert_eq!(shape(&syncer.plan(&d)), ["DelBackend", "DelBackend"]);
+        sync(&mut syncer, &mut maps, &d);
+        assert_eq!(maps.backends.len(), 1);
+    }
+
+    #[test]
+    fn the_incremental_plan_keeps_draining_backends_as_the_full_one_does() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        // Frontend 2 drains backend 3; frontend 1 uses it in a slot.
+        let start = draining(desired(&[(1, 80, &[1, 3]), (2, 80, &[4])]), 2, 80, &[3]);
+        sync(&mut syncer, &mut maps, &start);
+        let changed: BTreeSet<_> = [fe(1, 80)].into();
+        // 3 leaves frontend 1: frontend 2 still drains it, so it stays.
+        let d = draining(desired(&[(1, 80, &[1]), (2, 80, &[4])]), 2, 80, &[3]);
+        let stats = syncer.apply_changed(&d, &changed, &mut Checked(&mut maps));
+        assert!(stats.expect("incremental").is_ok());
+        maps.check_matches(&d).expect("as a full plan");
+        assert!(syncer.plan(&d).is_empty());
+        // Frontend 1 drains 1 instead of using it, then nothing: 1 goes last.
+        let d = draining(desired(&[(1, 80, &[]), (2, 80, &[4])]), 2, 80, &[3]);
+        let d = draining(d, 1, 80, &[1]);
+        syncer.apply_changed(&d, &changed, &mut Checked(&mut maps)).expect("plan").expect("apply");
+        maps.check_matches(&d).expect("1 drains");
+        let d = draining(desired(&[(1, 80, &[]), (2, 80, &[4])]), 2, 80, &[3]);
+        syncer.apply_changed(&d, &changed, &mut Checked(&mut maps)).expect("plan").expect("apply");
+        maps.check_matches(&d).expect("1 is gone");
+        assert!(syncer.plan(&d).is_empty());
     }
 
     #[test]
@@ -1027,21 +1231,29 @@ mod tests {
     /// Small universes so states overlap a lot: 3 VIPs, 3 ports x 2 protocols, 12 backends.
     fn arb_desired() -> impl Strategy<Value = Desired> {
         let frontend_key = (0..3u8, prop::sample::select(vec![53u16, 80, 443]), any::<bool>());
-        let backends = prop::collection::vec((0..6u8, 0..2u16), 0..6);
+        // (host, port, draining): draining only counts for TCP, as desired.rs makes it.
+        let backends = prop::collection::vec((0..6u8, 0..2u16, any::<bool>()), 0..6);
         prop::collection::btree_map(frontend_key, backends, 0..8).prop_map(|m| {
             let frontends = m
                 .into_iter()
                 .map(|((vip, port, udp), hosts)| {
                     let proto = if udp { IPPROTO_UDP } else { IPPROTO_TCP };
-                    let mut backends: Vec<_> = hosts
-                        .into_iter()
-                        .map(|(h, p)| BackendV4::new([10, 0, 0, h + 1], 8080 + p, proto))
-                        .collect();
-                    backends.sort();
-                    backends.dedup();
+                    let pick = |drain: bool| {
+                        let mut v: Vec<_> = hosts
+                            .iter()
+                            .filter(|(_, _, d)| *d == drain)
+                            .map(|(h, p, _)| BackendV4::new([10, 0, 0, h + 1], 8080 + p, proto))
+                            .collect();
+                        v.sort();
+                        v.dedup();
+                        v
+                    };
+                    let backends = pick(false);
+                    let mut draining = if udp { Vec::new() } else { pick(true) };
+                    draining.retain(|b| !backends.contains(b));
                     let key = ServiceKeyV4::new([10, 96, 0, vip + 1], port, proto);
                     let service = ObjectKey::namespaced("default", format!("svc{vip}"));
-                    (key, Frontend { service, port_name: String::new(), backends })
+                    (key, Frontend { service, port_name: String::new(), backends, draining })
                 })
                 .collect();
             Desired { frontends, skipped: Vec::new() }
@@ -1084,6 +1296,43 @@ mod tests {
                 prop_assert_eq!(maps.check_matches(d), Ok(()));
                 prop_assert!(syncer.plan(d).is_empty());
             }
+        }
+
+        /// A restarted agent adopting what an earlier one wrote (maybe interrupted mid-plan)
+        /// plans nothing for the same state, never deletes a frontend that is still
+        /// desired, and converges to a new state as a fresh one would.
+        #[test]
+        fn adopting_the_maps_of_an_earlier_agent(
+            states in prop::collection::vec((arb_desired(), 0usize..40), 1..5),
+            next in arb_desired(),
+        ) {
+            let (mut first, mut maps) = (Syncer::new(), FakeMaps::new());
+            for (d, _) in &states {
+                first.apply(d, &mut Checked(&mut maps)).expect("no failure injected");
+            }
+            let last = &states.last().expect("1..5 states").0;
+            let mut adopted = Syncer::new();
+            adopted.adopt(&maps.services, &maps.slots, &maps.backends);
+            prop_assert!(adopted.plan(last).is_empty(), "the same state: nothing to write");
+            prop_assert_eq!(adopted.plan(&next), first.plan(&next));
+
+            // Killed mid-plan: adopt the half-written maps.
+            let fail_at = states.last().expect("1..5 states").1;
+            maps.fail_after = Some(maps.writes + fail_at);
+            // Failing part-way is the point (or it may finish first): either is adopted.
+            let _ = first.apply(&next, &mut Checked(&mut maps));
+            maps.fail_after = None;
+            let mut restarted = Syncer::new();
+            restarted.adopt(&maps.services, &maps.slots, &maps.backends);
+            for op in restarted.plan(&next) {
+                if let Op::DelService { key } = op {
+                    prop_assert!(!next.frontends.contains_key(&key), "deleted a desired frontend");
+                }
+            }
+            restarted.apply(&next, &mut Checked(&mut maps)).expect("converges");
+            prop_assert_eq!(maps.check_matches(&next), Ok(()));
+            prop_assert_eq!(maps.check_consistent(), Ok(()));
+            prop_assert!(restarted.plan(&next).is_empty());
         }
 
         /// With small maps, no write ever fails for lack of room, and what is programmed is

@@ -10,6 +10,7 @@
 //! | service CIDR         | `10.96.N.0/24`, ClusterIPs from `.10` |
 //! | pod gateway          | `169.254.1.1` (every pod; answered by the node) |
 //! | host-side veth       | `lxc` + 8 hex digits of a hash of `namespace/name` |
+//! | agent's pins (bpffs) | `/sys/fs/bpf/nodeplane-lab{N}` |
 use std::net::Ipv4Addr;
 
 /// Prefix of the node-side end of every pod's veth pair; the agent attaches by it.
@@ -32,6 +33,12 @@ pub const FIRST_POD_HOST: u8 = 2;
 pub const FIRST_SERVICE_HOST: u8 = 10;
 /// Last usable host number of a /24.
 pub const LAST_HOST: u8 = 254;
+
+/// The agent's `--bpffs-dir` in slot `slot`: its own, so labs side by side never adopt each
+/// other's maps, and a dead lab's pins are found by slot.
+pub fn bpffs_dir(slot: u8) -> std::path::PathBuf {
+    format!("/sys/fs/bpf/nodeplane-lab{slot}").into()
+}
 
 /// Start of every netns name that belongs to slot `slot`.
 pub fn netns_prefix(slot: u8) -> String {

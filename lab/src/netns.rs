@@ -241,6 +241,28 @@ pub fn create_pod(link: &PodLink<'_>) -> Result<(), NetnsError> {
 }
 
 /// A `Command` for `ip netns exec NETNS PROGRAM ARGS...`.
+/// `program args` in `netns`, entered with setns(2) between fork and exec. Unlike
+/// [`exec_command`] (`ip netns exec`, which gives the process a mount namespace of its
+/// own with a fresh /sys), the process keeps the caller's mounts: the agent must pin its
+/// datapath on the host's bpffs (/sys/fs/bpf), as a DaemonSet's hostPath mount does.
+pub fn enter_command(
+    netns: &str,
+    program: impl AsRef<OsStr>,
+    args: &[impl AsRef<OsStr>],
+) -> Result<Command, NetnsError> {
+    use std::os::unix::process::CommandExt as _;
+    let enter_err = |source| NetnsError::Enter { netns: netns.to_string(), source };
+    let handle = File::open(Path::new(RUN_NETNS).join(netns)).map_err(enter_err)?;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
+    // which is async-signal-safe; `handle` stays open in the closure until exec.
+    unsafe {
+        cmd.pre_exec(move || enter(&handle));
+    }
+    Ok(cmd)
+}
+
 pub fn exec_command(
     netns: &str,
     program: impl AsRef<OsStr>,

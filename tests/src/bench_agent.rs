@@ -1,5 +1,6 @@
 //! The agent's programming time: 10,000 Services x 10 endpoints from Kubernetes objects
-//! into empty kernel maps, through the real pipeline (index -> desired -> sync -> aya maps).
+//! into empty kernel maps, through the real pipeline (index -> desired -> sync -> aya maps);
+//! then what a restarted agent pays to adopt those pinned maps.
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -7,6 +8,7 @@ use nodeplane_agent::{
     datapath::Datapath,
     desired,
     index::Index,
+    pin::PinDir,
     source::{Event, Kind, Object},
     sync::Syncer,
 };
@@ -55,7 +57,10 @@ fn ms(d: Duration) -> String {
 
 pub fn run() {
     let (svcs, slices) = cluster(SERVICES, ENDPOINTS);
-    let mut dp = Datapath::load().unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+    let pins = PinDir::new(format!("/sys/fs/bpf/nodeplane-bench-{}", std::process::id()));
+    pins.remove_all().expect("a clean pin directory");
+    let mut dp = Datapath::open_pinned(pins.clone(), &[])
+        .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
     let mut index = Index::new();
     let mut syncer = Syncer::new();
 
@@ -86,4 +91,29 @@ pub fn run() {
     println!("  sync apply (plan + {} map writes) {}", stats.ops, ms(t_apply));
     println!("  total                       {}", ms(t_total));
     println!("  re-sync with no change      {} ({} ops)", ms(t_noop), again.ops);
+
+    // A restart: a new process would load the object onto the pins, read the maps back,
+    // adopt them and diff against the (unchanged) cluster.
+    drop(dp);
+    let t = Instant::now();
+    let mut dp = Datapath::open_pinned(pins.clone(), &[]).expect("adopting the pins");
+    let t_load = t.elapsed();
+    let t = Instant::now();
+    let written = dp.maps().read_written().expect("reading the maps back");
+    let t_read = t.elapsed();
+    let t = Instant::now();
+    let mut adopted = Syncer::new();
+    adopted.adopt(&written.services, &written.slots, &written.backends);
+    let ops = adopted.plan(&want).len();
+    let t_adopt = t.elapsed();
+    assert_eq!(ops, 0, "an adopted datapath needs no writes for the same cluster");
+    println!(
+        "restart: adopting the pinned maps ({} entries)",
+        written.services.len() + written.slots.len() + written.backends.len()
+    );
+    println!("  load onto the pins (verifier included) {}", ms(t_load));
+    println!("  read the maps back          {}", ms(t_read));
+    println!("  adopt + plan ({ops} ops)        {}", ms(t_adopt));
+    drop(dp);
+    pins.remove_all().expect("removing the bench's pins");
 }

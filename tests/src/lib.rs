@@ -6,6 +6,7 @@ use std::path::PathBuf;
 pub mod bench_agent;
 pub mod bench_api;
 pub mod bench_policy;
+pub mod cluster;
 pub mod netpol;
 pub mod packet;
 pub mod policy_gen;

@@ -226,4 +226,5 @@ pub trait PolicyWriter {
 pub struct PolicyWriteError {
     pub op: PolicyOp,
     pub reason: String,
+    pub failure: crate::sync::WriteFailure,
 }

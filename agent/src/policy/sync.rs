@@ -156,6 +156,17 @@ impl PolicySyncer {
         self.flags = flags;
     }
 
+    /// [`PolicySyncer::set_flags`], by value.
+    pub fn with_flags(mut self, flags: u32) -> Self {
+        self.flags = flags;
+        self
+    }
+
+    /// The `POLICY_CFG_F_*` bits the next plan writes.
+    pub fn flags(&self) -> u32 {
+        self.flags
+    }
+
     /// The revision written last.
     pub fn revision(&self) -> u32 {
         self.config.revision
@@ -544,9 +555,17 @@ impl PolicyWriter for FakePolicyMaps {
             && self.writes >= n
         {
             self.fail_after = None;
-            return Err(PolicyWriteError { op: op.clone(), reason: "injected failure".into() });
+            return Err(PolicyWriteError {
+                op: op.clone(),
+                reason: "injected failure".into(),
+                failure: crate::sync::WriteFailure::Other,
+            });
         }
-        self.write(op).map_err(|reason| PolicyWriteError { op: op.clone(), reason })?;
+        self.write(op).map_err(|reason| PolicyWriteError {
+            op: op.clone(),
+            failure: crate::sync::fake_failure(&reason),
+            reason,
+        })?;
         self.writes += 1;
         Ok(())
     }

@@ -16,7 +16,8 @@ impl Lab {
     /// Starts a long-running process in the node netns (the agent, typically
     /// `<agent> run --manifests <dir> --iface-prefix lxc`), output to `log_path(log_name)`.
     /// At teardown it gets SIGTERM, then SIGKILL after a grace period. `NODE_NAME` is set to
-    /// the lab node's name.
+    /// the lab node's name, `NODEPLANE_BPFFS_DIR` to the lab's own pin directory (removed
+    /// at teardown), `NODEPLANE_STATE_DIR` to [`Lab::agent_state_dir`].
     pub fn spawn_in_node(
         &self,
         cmd: &[impl AsRef<OsStr>],
@@ -24,11 +25,27 @@ impl Lab {
     ) -> Result<Child, LabError> {
         let (program, args) = cmd.split_first().ok_or(LabError::EmptyCommand)?;
         let what = format!("{} in {}", program.as_ref().to_string_lossy(), self.node_netns());
-        let mut cmd = netns::exec_command(&self.node_netns(), program, args);
+        // setns, not `ip netns exec`: the agent pins on the host's bpffs.
+        let mut cmd = netns::enter_command(&self.node_netns(), program, args)?;
         // What a DaemonSet's downward API gives the agent: the node's name (the lab's pods
         // are scheduled on it), so it knows which pods are local.
         cmd.env("NODE_NAME", crate::naming::NODE_NAME);
+        cmd.env("NODEPLANE_BPFFS_DIR", self.bpffs_dir());
+        // `inspect`'s names snapshot: in the lab's state dir, so labs side by side never
+        // overwrite each other's (and it goes at teardown).
+        cmd.env("NODEPLANE_STATE_DIR", self.agent_state_dir());
         self.spawn_logged(cmd, log_name, what)
+    }
+
+    /// The lab agent's `--state-dir` (`NODEPLANE_STATE_DIR`): where it writes the names
+    /// snapshot `nodeplane-agent inspect` reads.
+    pub fn agent_state_dir(&self) -> std::path::PathBuf {
+        self.state_dir.join("agent")
+    }
+
+    /// Where the lab's agent pins the datapath.
+    pub fn bpffs_dir(&self) -> std::path::PathBuf {
+        crate::naming::bpffs_dir(self.slot)
     }
 
     pub(super) fn spawn_logged(

@@ -60,10 +60,15 @@ fn stop_node_processes(slot: u8) {
     }
 }
 
-/// Kills and deletes every netns of `slot` and removes its state directory: the cleanup
+/// Kills and deletes every netns of `slot`, removes its agent's pins and its state
+/// directory: the cleanup
 /// for labs whose owner died, which has only names and paths to go on.
 pub(super) fn destroy_remains(slot: u8, state_dir: Option<&Path>) -> Result<(), LabError> {
     netns::remove_all(&naming::netns_prefix(slot))?;
+    // The agent's pins: with the interfaces gone its links are defunct; this frees the
+    // programs and maps (what `nodeplane-agent uninstall` does).
+    let pins = naming::bpffs_dir(slot);
+    files::remove_dir_if_exists(&pins).map_err(io_err("removing", &pins))?;
     if let Some(dir) = state_dir {
         files::remove_dir_if_exists(dir).map_err(io_err("removing", dir))?;
     }
