@@ -1,5 +1,5 @@
-//! `nodeplane-lab`: one Kubernetes node and its pods made of network namespaces, with the
-//! control plane played from ordinary YAML.
+//! `nodeplane-lab`: a Kubernetes node (or a few) and its pods made of network namespaces,
+//! with the control plane played from ordinary YAML.
 //!
 //! ```text
 //!   YAML files ──parse──▶ ControlPlane ──cluster()──▶ <state>/manifests/cluster.yaml ──▶ agent
@@ -16,6 +16,9 @@
 //!   the namespaces and veth pairs ([`netns`]) as a CNI plugin would, starts a
 //!   [`server`] in each pod, and writes the manifests the agent reads.
 //! * [`naming`] derives every name and address from the slot.
+//! * [`topology`] shapes a lab as the single node above or as several nodes on an
+//!   underlay, with an external client and an internet; [`underlay`] builds that network
+//!   ([`Lab::up_with`]).
 //!
 //! NetworkPolicies pass through to the manifests untouched (enforcing them is the
 //! agent's job); [`Lab::label`] relabels pods and namespaces at runtime, and a pod's
@@ -30,7 +33,10 @@ pub mod netns;
 pub mod process;
 pub mod server;
 pub mod slot;
+pub mod topology;
+pub mod underlay;
 
 pub use control_plane::{ControlPlane, Kind, ObjectKey};
-pub use lab::{Lab, LabConfig, LabError, read_sources};
+pub use lab::{Lab, LabConfig, LabError, LabNode, read_sources};
 pub use naming::HOST_VETH_PREFIX;
+pub use topology::Topology;

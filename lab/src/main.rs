@@ -4,12 +4,13 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use nodeplane_lab::{
-    Kind, Lab, LabConfig,
+    Kind, Lab, LabConfig, Topology,
     control_plane::ObjectKey,
     lab::{self, DEFAULT_STATE_ROOT},
     naming::HOST_VETH_PREFIX,
     server::{self, ServeConfig},
     slot::Slots,
+    topology,
 };
 
 #[derive(Parser)]
@@ -29,12 +30,17 @@ enum Command {
         /// Manifest files (multi-document YAML).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
-        /// Start this agent in the node netns, reading the lab's manifests.
+        /// Start this agent in the node netns, reading the lab's manifests (one per node).
         #[arg(long)]
         agent: Option<PathBuf>,
         /// Keep the current lab running; by default `up` replaces it.
         #[arg(long)]
         keep: bool,
+        /// Nodes: 1 is the single-node lab; 2 to 4 are joined by an underlay, with an
+        /// external client and an internet. Pods go to their `spec.nodeName` (`lab-node`,
+        /// `lab-node1`, ...), the first node without one.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(nodeplane_lab::topology::MAX_NODES)))]
+        nodes: u8,
     },
     /// Add or replace objects in the current lab.
     Apply {
@@ -115,7 +121,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         persistent: true,
     };
     match cli.command {
-        Command::Up { files, agent, keep } => up(cfg, &files, agent, keep)?,
+        Command::Up { files, agent, keep, nodes } => up(cfg, &files, agent, keep, nodes)?,
         Command::Apply { files, slot } => {
             let lab = open(cfg, slot)?;
             lab.apply(&lab::read_sources(&files)?)?;
@@ -184,7 +190,14 @@ fn parse_label_change(arg: &str) -> Result<(&str, Option<&str>)> {
     }
 }
 
-fn up(cfg: LabConfig, files: &[PathBuf], agent: Option<PathBuf>, keep: bool) -> Result<()> {
+fn up(
+    cfg: LabConfig,
+    files: &[PathBuf],
+    agent: Option<PathBuf>,
+    keep: bool,
+    nodes: u8,
+) -> Result<()> {
+    let topology = Topology::with_nodes(nodes)?;
     let sources = lab::read_sources(files)?;
     if !keep && let Some(slot) = lab::current_slot(&cfg.state_root)? {
         match Lab::open(cfg.clone(), slot) {
@@ -195,7 +208,7 @@ fn up(cfg: LabConfig, files: &[PathBuf], agent: Option<PathBuf>, keep: bool) -> 
             Err(e) => eprintln!("ignoring the stale current lab {slot}: {e}"),
         }
     }
-    let lab = Lab::up(cfg, &sources)?;
+    let lab = Lab::up_with(cfg, topology, &sources)?;
     if let Some(agent) = agent {
         let manifests = lab.manifests_dir();
         let cmd: Vec<OsString> = vec![
@@ -206,8 +219,16 @@ fn up(cfg: LabConfig, files: &[PathBuf], agent: Option<PathBuf>, keep: bool) -> 
             "--iface-prefix".into(),
             HOST_VETH_PREFIX.into(),
         ];
-        let child = lab.spawn_in_node(&cmd, "agent")?;
-        println!("agent: pid {} (log {})", child.id(), lab.log_path("agent").display());
+        for node in lab.nodes() {
+            let log = node.agent_log_name();
+            let child = node.spawn(&cmd, &log)?;
+            println!(
+                "agent on {}: pid {} (log {})",
+                node.name(),
+                child.id(),
+                lab.log_path(&log).display()
+            );
+        }
     }
     print_lab(&lab);
     Ok(())
@@ -222,13 +243,35 @@ fn print_lab(lab: &Lab) {
         lab.state_dir().display()
     );
     println!("manifests: {}", lab.manifests_dir().display());
+    if lab.topology().has_underlay() {
+        println!("nodes:");
+        for node in lab.nodes() {
+            println!(
+                "  {:<30} {:<15} pods {:<18} {}",
+                node.name(),
+                node.ip().to_string(),
+                node.pod_cidr(),
+                node.netns()
+            );
+        }
+        for (what, ip, netns) in [
+            ("external client", lab.external_ip(), lab.external_netns()),
+            ("internet", lab.internet_ip(), lab.internet_netns()),
+        ] {
+            if let (Ok(ip), Ok(netns)) = (ip, netns) {
+                println!("  {what:<30} {:<15} {netns}", ip.to_string());
+            }
+        }
+    }
     println!("pods:");
     for (key, _) in cp.pods() {
         let ip = cp.pod_ip(key).map_or_else(|| "-".into(), |ip| ip.to_string());
+        let node = cp.pod_node(key).map_or_else(|| "-".into(), topology::node_name);
         println!(
-            "  {:<30} {:<15} {}",
+            "  {:<30} {:<15} {:<10} {}",
             key.to_string(),
             ip,
+            node,
             lab.pod_netns(&key.namespace, &key.name)
         );
     }
@@ -272,7 +315,8 @@ fn status(cfg: &LabConfig) -> Result<()> {
             Ok(lab) => {
                 let cp = lab.control_plane();
                 println!(
-                    "  {} pods, {} services, manifests {}",
+                    "  {} node(s), {} pods, {} services, manifests {}",
+                    lab.topology().nodes(),
                     cp.pods().count(),
                     cp.services().count(),
                     lab.manifests_dir().display()

@@ -11,6 +11,21 @@
 //! | pod gateway          | `169.254.1.1` (every pod; answered by the node) |
 //! | host-side veth       | `lxc` + 8 hex digits of a hash of `namespace/name` |
 //! | agent's pins (bpffs) | `/sys/fs/bpf/nodeplane-lab{N}` |
+//!
+//! A lab of several nodes on an underlay ([`crate::topology`]) keeps the slot's pod and
+//! service ranges and adds, for node `i` (0 to 3) and the slot:
+//!
+//! | what                 | value                        |
+//! |----------------------|------------------------------|
+//! | node name            | `lab-node` (i = 0, where pods without `spec.nodeName` go), `lab-node{i}` |
+//! | node netns           | `np{N}-node` (i = 0), `np{N}-node{i}` |
+//! | node IP (InternalIP) | `192.168.N.(10+i)/24` on the node's `eth0` |
+//! | node's pod CIDR      | `10.244.N.(64·i)/26`, pods from `.(64·i+2)` to `.(64·i+62)` |
+//! | underlay / router    | netns `np{N}-underlay`: bridge `br0` `192.168.N.1/24`, every node's default gateway |
+//! | external client      | netns `np{N}-external`, `192.168.N.200/24`, no other route |
+//! | internet             | netns `np{N}-internet`, `198.18.N.2/24`, default via the router's `198.18.N.1` |
+//! | agent's pins (bpffs) | `/sys/fs/bpf/nodeplane-lab{N}/{node name}` |
+//! | agent's state, log   | `<state dir>/agent-{node name}/`, `agent-{node name}.log` |
 use std::net::Ipv4Addr;
 
 /// Prefix of the node-side end of every pod's veth pair; the agent attaches by it.

@@ -105,3 +105,52 @@ fn apply_and_delete_change_pods_in_place() {
     lab.down().expect("down");
     assert_gone(slot, state_dir);
 }
+
+/// Three nodes on an underlay, no agent: pods reach each other across nodes by pod IP, a
+/// pod applied later lands on its node, the external client reaches node IPs only, and
+/// every netns goes at teardown.
+#[test]
+fn underlay_lab_routes_pods_between_nodes_and_keeps_the_external_client_out() {
+    let topology = nodeplane_lab::Topology::with_nodes(3).expect("three nodes");
+    let docs = [("multinode.yaml", include_str!("../examples/multinode.yaml"))];
+    let lab = Lab::up_with(config(), topology, &docs).expect("lab up");
+    let (slot, state_dir) = (lab.slot(), lab.state_dir().to_path_buf());
+    assert_eq!(lab.pod_node("demo", "web-1").expect("web-1").name(), "lab-node1");
+    let web1 = SocketAddrV4::new(lab.pod_ip("demo", "web-1").expect("web-1"), 8080);
+    assert_eq!(lab.tcp_ask("demo", "client", web1, TIMEOUT).expect("across nodes"), "web-1");
+    let web0 = SocketAddrV4::new(lab.pod_ip("demo", "web-0").expect("web-0"), 5353);
+    assert_eq!(lab.udp_ask("demo", "web-2", web0, TIMEOUT).expect("and back"), "web-0");
+
+    // A pod on the third node: wired to that node's netns, reachable from the first.
+    let third = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-9, namespace: demo}\n\
+                 spec: {nodeName: lab-node2, containers: [{name: c, ports: [{containerPort: 8080}]}]}\n";
+    lab.apply(&[("third.yaml", third)]).expect("apply on lab-node2");
+    let node2 = lab.node(2).expect("node 2");
+    let links = std::process::Command::new("ip")
+        .args(["-n", &node2.netns(), "-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert_eq!(links.matches(&format!(": {HOST_VETH_PREFIX}")).count(), 1, "{links}");
+    let web9 = SocketAddrV4::new(lab.pod_ip("demo", "web-9").expect("web-9"), 8080);
+    assert_eq!(lab.tcp_ask("demo", "client", web9, TIMEOUT).expect("to node 2"), "web-9");
+    let moved = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-9, namespace: demo}\n\
+                 spec: {nodeName: lab-node1, containers: [{name: c}]}\n";
+    assert!(lab.apply(&[("moved.yaml", moved)]).is_err(), "a pod cannot change nodes");
+
+    // The external client: node IPs yes, pods no (it has no route to them).
+    for node in lab.nodes() {
+        let ip = node.ip();
+        let reached = lab.in_external(|| {
+            std::net::TcpStream::connect_timeout(&SocketAddrV4::new(ip, 9).into(), TIMEOUT)
+        });
+        let err = reached.expect("enter").expect_err("nothing listens on port 9");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{}: {err}", node.name());
+    }
+    let to_pod = lab.in_external(|| std::net::TcpStream::connect_timeout(&web1.into(), TIMEOUT));
+    let err = to_pod.expect("enter").expect_err("a pod from outside");
+    assert_eq!(err.raw_os_error(), Some(libc::ENETUNREACH), "{err}");
+
+    drop(lab);
+    assert_gone(slot, state_dir);
+}

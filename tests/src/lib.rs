@@ -7,6 +7,7 @@ pub mod bench_agent;
 pub mod bench_api;
 pub mod bench_policy;
 pub mod cluster;
+pub mod multinode;
 pub mod netpol;
 pub mod packet;
 pub mod policy_gen;

@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the lab with the demo manifests and the agent, then traffic to the
 //! `web` ClusterIP from the `client` pod, showing which pod answered each request; then a
 //! NetworkPolicy that lets the client reach only TCP `http`, and the verdict log's lines.
+//! With `--nodes N` the same on an underlay lab of N nodes, an agent on each, web-1 and
+//! web-2 on the second node (lab/examples/multinode.yaml).
 use std::{
     collections::BTreeMap,
     ffi::OsString,
@@ -9,11 +11,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use nodeplane_lab::{HOST_VETH_PREFIX, Lab, LabConfig};
+use nodeplane_lab::{HOST_VETH_PREFIX, Lab, LabConfig, Topology};
 
 use crate::{Bins, step};
 
 const DEMO: &str = include_str!("../../lab/examples/demo.yaml");
+const MULTINODE: &str = include_str!("../../lab/examples/multinode.yaml");
 const REQUESTS: usize = 18;
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -29,31 +32,65 @@ spec:
     ports: [{protocol: TCP, port: http}]
 ";
 
-pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
-    step("bringing up the lab: node netns, pod netns with veths, pod servers, manifests");
+pub fn run(bins: &Bins, keep: bool, nodes: u8) -> anyhow::Result<()> {
+    let topology = Topology::with_nodes(nodes)?;
+    let manifest = match topology {
+        Topology::Single => {
+            step("bringing up the lab: node netns, pod netns with veths, pod servers, manifests");
+            ("lab/examples/demo.yaml", DEMO)
+        }
+        Topology::Underlay { .. } => {
+            step(&format!(
+                "bringing up a {nodes}-node lab: node netns on an underlay bridge, routes to \
+                 each other's pod CIDRs, pod netns with veths, pod servers, manifests"
+            ));
+            ("lab/examples/multinode.yaml", MULTINODE)
+        }
+    };
     let mut cfg = LabConfig::new(bins.lab.clone());
     cfg.persistent = keep;
-    let lab = Lab::up(cfg, &[("lab/examples/demo.yaml", DEMO)]).context("lab up")?;
-    let agent: Vec<OsString> = vec![
-        bins.agent.clone().into(),
-        "run".into(),
-        "--manifests".into(),
-        lab.manifests_dir().into(),
-        "--iface-prefix".into(),
-        HOST_VETH_PREFIX.into(),
-        "--counters-interval".into(),
-        "1s".into(),
-        "--flow-log".into(),
-        lab.log_path("flows").into(),
-    ];
-    let mut agent = lab.spawn_in_node(&agent, "agent").context("starting the agent")?;
+    let lab = Lab::up_with(cfg, topology, &[manifest]).context("lab up")?;
+    let mut agents = Vec::new();
+    for node in lab.nodes() {
+        let flows = format!("flows{}", node.agent_log_name().trim_start_matches("agent"));
+        let agent: Vec<OsString> = vec![
+            bins.agent.clone().into(),
+            "run".into(),
+            "--manifests".into(),
+            lab.manifests_dir().into(),
+            "--iface-prefix".into(),
+            HOST_VETH_PREFIX.into(),
+            "--counters-interval".into(),
+            "1s".into(),
+            "--flow-log".into(),
+            lab.log_path(&flows).into(),
+        ];
+        agents.push(node.spawn(&agent, &node.agent_log_name()).context("starting the agent")?);
+    }
     let vip = lab.service_ip("demo", "web").context("web has no ClusterIP")?;
-    println!("    lab slot {}: node netns {}", lab.slot(), lab.node_netns());
+    println!("    lab slot {}", lab.slot());
+    for node in lab.nodes() {
+        let (name, ip, netns) = (node.name(), node.ip(), node.netns());
+        println!("    node {name:<10} {ip:<14} pods {:<16} netns {netns}", node.pod_cidr());
+    }
     for pod in ["web-0", "web-1", "web-2", "client"] {
         let ip = lab.pod_ip("demo", pod).context("pod IP")?;
-        println!("    pod demo/{pod:<7} {ip:<14} netns {}", lab.pod_netns("demo", pod));
+        let node = lab.pod_node("demo", pod)?.name();
+        println!(
+            "    pod demo/{pod:<7} {ip:<14} on {node:<10} netns {}",
+            lab.pod_netns("demo", pod)
+        );
     }
     println!("    service demo/web  ClusterIP {vip}  ports 80/TCP -> http(8080), 53/UDP -> 5353");
+
+    let logs: Vec<(String, String)> = lab
+        .nodes()
+        .map(|n| {
+            let flows = format!("flows{}", n.agent_log_name().trim_start_matches("agent"));
+            (n.agent_log_name(), flows)
+        })
+        .collect();
+    let read_log = |name: &str| std::fs::read_to_string(lab.log_path(name)).unwrap_or_default();
 
     step("waiting for the agent to program the datapath");
     let http = SocketAddrV4::new(vip, 80);
@@ -61,7 +98,7 @@ pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
     let start = Instant::now();
     while lab.tcp_ask("demo", "client", http, TIMEOUT).is_err() {
         if start.elapsed() > Duration::from_secs(30) {
-            let log = std::fs::read_to_string(lab.log_path("agent")).unwrap_or_default();
+            let log = read_log(&logs[0].0);
             bail!("the ClusterIP did not answer within 30 s; agent log:\n{log}");
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -91,8 +128,15 @@ pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
         println!("    {line}");
     }
     lab.apply(&[("web-http-from-client.yaml", POLICY)]).context("applying the policy")?;
+    // Every backend's node enforces its pods' ingress: wait until a few requests in a row,
+    // to backends picked at random, go unanswered.
     let start = Instant::now();
-    while lab.udp_ask("demo", "client", dns, Duration::from_millis(300)).is_ok() {
+    let mut denied_in_a_row = 0;
+    while denied_in_a_row < 6 {
+        match lab.udp_ask("demo", "client", dns, Duration::from_millis(300)) {
+            Ok(_) => denied_in_a_row = 0,
+            Err(_) => denied_in_a_row += 1,
+        }
         if start.elapsed() > Duration::from_secs(30) {
             bail!("UDP to {dns} still answered 30 s after the policy was applied");
         }
@@ -105,16 +149,27 @@ pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
         Err(_) => println!("    UDP {dns}: no answer (denied: the policy allows no UDP)"),
     }
     std::thread::sleep(Duration::from_millis(1200));
-    let flows = std::fs::read_to_string(lab.log_path("flows")).unwrap_or_default();
-    println!("    verdict log ({}), last lines:", lab.log_path("flows").display());
-    for line in flows.lines().rev().take(2).collect::<Vec<_>>().into_iter().rev() {
-        println!("    {line}");
+    let last = |text: &str, n: usize| -> Vec<String> {
+        let lines: Vec<String> = text.lines().rev().take(n).map(String::from).collect();
+        lines.into_iter().rev().collect()
+    };
+    for (_, flows) in &logs {
+        let text = read_log(flows);
+        if text.is_empty() {
+            continue;
+        }
+        println!("    verdict log ({}), last lines:", lab.log_path(flows).display());
+        for line in last(&text, 2) {
+            println!("    {line}");
+        }
     }
 
-    step("the agent's log (datapath counters are logged every second)");
-    let log = std::fs::read_to_string(lab.log_path("agent")).unwrap_or_default();
-    for line in log.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev() {
-        println!("    {line}");
+    let per_node = if logs.len() > 1 { 3 } else { 6 };
+    for (agent, _) in &logs {
+        step(&format!("{agent}.log (datapath counters are logged every second)"));
+        for line in last(&read_log(agent), per_node) {
+            println!("    {line}");
+        }
     }
 
     if keep {
@@ -125,12 +180,16 @@ pub fn run(bins: &Bins, keep: bool) -> anyhow::Result<()> {
             "    ask the VIP:     ip netns exec {} nc -w1 {vip} 80",
             lab.pod_netns("demo", "client")
         );
-        println!("    agent log:       {}", lab.log_path("agent").display());
+        for (agent, _) in &logs {
+            println!("    agent log:       {}", lab.log_path(agent).display());
+        }
         println!("    tear down:       cargo xtask lab down");
     } else {
         step("tearing the lab down (use --keep to leave it up)");
         lab.down().context("lab down")?;
-        agent.wait().context("reaping the agent")?;
+        for mut agent in agents {
+            agent.wait().context("reaping the agent")?;
+        }
     }
     Ok(())
 }

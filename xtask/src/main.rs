@@ -42,6 +42,10 @@ enum Cmd {
         /// Leave the lab and the agent running and print how to poke at them.
         #[arg(long)]
         keep: bool,
+        /// Run it on this many nodes (2 to 4: an underlay, an agent per node, the web pods
+        /// spread over the first two nodes; lab/examples/multinode.yaml).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+        nodes: u8,
     },
     /// The lab CLI (`up`, `apply`, `exec`, `status`, `down`): see `cargo xtask lab --help`.
     Lab {
@@ -80,11 +84,11 @@ fn main() -> anyhow::Result<()> {
             bin_env(&mut cmd, false);
             run(&mut cmd)
         }
-        Cmd::Demo { keep } => {
+        Cmd::Demo { keep, nodes } => {
             setup::ensure()?;
             require_root("the demo creates network namespaces and loads eBPF programs")?;
             build(false)?;
-            demo::run(&bins(false), keep)
+            demo::run(&bins(false), keep, nodes)
         }
         Cmd::Lab { args } => {
             setup::ensure()?;

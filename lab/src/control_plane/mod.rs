@@ -16,6 +16,11 @@
 //! Addresses are the one piece of history: a pod keeps its IP and a service its ClusterIP
 //! for as long as it exists, and addresses are never handed out twice in a run, so a
 //! recreated pod shows up as a new endpoint, as it would in a cluster.
+//!
+//! Scheduling is the pod's own `spec.nodeName`, as if the scheduler had already bound it:
+//! a pod without one runs on the first node (`lab-node`), one naming a node the lab does
+//! not have is refused, and a pod cannot move (the field is immutable in Kubernetes too).
+//! Each node hands out the pod IPs of its own pod CIDR ([`Topology::pod_hosts`]).
 mod parse;
 mod render;
 mod slices;
@@ -32,7 +37,10 @@ use serde::{Deserialize, Serialize};
 pub use parse::{Object, ParseError, parse};
 pub use render::{Cluster, NAMESPACE_NAME_LABEL};
 
-use crate::naming::{self, FIRST_POD_HOST, FIRST_SERVICE_HOST, LAST_HOST};
+use crate::{
+    naming::{self, FIRST_SERVICE_HOST, LAST_HOST},
+    topology::{self, Topology},
+};
 
 /// Pod annotation that makes the pod's Ready condition False when set to `"false"`.
 pub const READY_ANNOTATION: &str = "lab.nodeplane.io/ready";
@@ -159,12 +167,21 @@ pub enum ControlPlaneError {
     InvalidLabel { kind: Kind, key: ObjectKey, label: String },
     #[error("{kind} objects carry no labels the lab can change")]
     NotLabelable { kind: Kind },
+    #[error("pod {key}: spec.nodeName {node:?} is not a node of the lab ({nodes})")]
+    UnknownNode { key: ObjectKey, node: String, nodes: String },
+    #[error(
+        "pod {key}: spec.nodeName cannot change from {from:?} to {to:?} (delete the pod first)"
+    )]
+    NodeChanged { key: ObjectKey, from: String, to: String },
 }
 
 /// A lab's control-plane state: input objects and the addresses assigned to them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ControlPlane {
     slot: u8,
+    /// How many nodes, and how joined; fixed for the lab's life.
+    #[serde(default)]
+    topology: Topology,
     namespaces: BTreeMap<String, Namespace>,
     pods: BTreeMap<ObjectKey, Pod>,
     services: BTreeMap<ObjectKey, Service>,
@@ -176,9 +193,12 @@ pub struct ControlPlane {
     pod_ips: BTreeMap<ObjectKey, Ipv4Addr>,
     service_ips: BTreeMap<ObjectKey, Ipv4Addr>,
     /// Next host number to try; only ever grows, which is what makes addresses unique
-    /// within a run.
+    /// within a run. The first node's; the others' are in `next_pod_host_of`.
     next_pod_host: u16,
     next_service_host: u16,
+    /// Next pod host number of each node after the first (underlay labs).
+    #[serde(default)]
+    next_pod_host_of: BTreeMap<u8, u16>,
 }
 
 /// What a Service's `spec.clusterIP` asks for.
@@ -189,9 +209,16 @@ enum ClusterIpRequest {
 }
 
 impl ControlPlane {
+    /// The control plane of a single-node lab.
     pub fn new(slot: u8) -> Self {
+        ControlPlane::with_topology(slot, Topology::Single)
+    }
+
+    /// The control plane of a lab shaped as `topology`.
+    pub fn with_topology(slot: u8, topology: Topology) -> Self {
         ControlPlane {
             slot,
+            topology,
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
             services: BTreeMap::new(),
@@ -199,13 +226,37 @@ impl ControlPlane {
             network_policies: BTreeMap::new(),
             pod_ips: BTreeMap::new(),
             service_ips: BTreeMap::new(),
-            next_pod_host: FIRST_POD_HOST.into(),
+            next_pod_host: (*topology.pod_hosts(0).start()).into(),
             next_service_host: FIRST_SERVICE_HOST.into(),
+            next_pod_host_of: BTreeMap::new(),
         }
     }
 
     pub fn slot(&self) -> u8 {
         self.slot
+    }
+
+    pub fn topology(&self) -> Topology {
+        self.topology
+    }
+
+    /// The index of the node the pod runs on (see the module docs), whether or not it has
+    /// been applied.
+    pub fn node_of(&self, key: &ObjectKey, pod: &Pod) -> Result<u8, ControlPlaneError> {
+        let name = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("");
+        if name.is_empty() {
+            return Ok(0);
+        }
+        self.topology.node_index(name).ok_or_else(|| ControlPlaneError::UnknownNode {
+            key: key.clone(),
+            node: name.to_string(),
+            nodes: self.topology.indices().map(topology::node_name).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// The node index of an applied pod.
+    pub fn pod_node(&self, key: &ObjectKey) -> Option<u8> {
+        self.node_of(key, self.pods.get(key)?).ok()
     }
 
     /// Adds or replaces objects by (kind, namespace, name). All or nothing: on error the
@@ -234,7 +285,12 @@ impl ControlPlane {
                 self.namespaces.insert(key.name, ns);
             }
             Object::Pod(pod) => {
-                self.assign_pod_ip(&key)?;
+                let node = self.node_of(&key, &pod)?;
+                if let Some(old) = self.pod_node(&key).filter(|&old| old != node) {
+                    let (from, to) = (topology::node_name(old), topology::node_name(node));
+                    return Err(ControlPlaneError::NodeChanged { key, from, to });
+                }
+                self.assign_pod_ip(&key, node)?;
                 self.pods.insert(key, pod);
             }
             Object::Service(svc) => {
@@ -251,16 +307,22 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn assign_pod_ip(&mut self, key: &ObjectKey) -> Result<(), ControlPlaneError> {
+    fn assign_pod_ip(&mut self, key: &ObjectKey, node: u8) -> Result<(), ControlPlaneError> {
         if self.pod_ips.contains_key(key) {
             return Ok(());
         }
-        let slot = self.slot;
-        let ip = next_free(&mut self.next_pod_host, |h| naming::pod_ip(slot, h), |_| false)
-            .ok_or_else(|| ControlPlaneError::PodIpsExhausted {
+        let (slot, topology) = (self.slot, self.topology);
+        let hosts = topology.pod_hosts(node);
+        let next = match node {
+            0 => &mut self.next_pod_host,
+            n => self.next_pod_host_of.entry(n).or_insert((*hosts.start()).into()),
+        };
+        let ip = next_free(next, *hosts.end(), |h| naming::pod_ip(slot, h), |_| false).ok_or_else(
+            || ControlPlaneError::PodIpsExhausted {
                 key: key.clone(),
-                cidr: naming::pod_cidr(slot),
-            })?;
+                cidr: topology.pod_cidr(slot, node),
+            },
+        )?;
         self.pod_ips.insert(key.clone(), ip);
         Ok(())
     }
@@ -286,12 +348,12 @@ impl ControlPlane {
             ClusterIpRequest::Allocate => {
                 let slot = self.slot;
                 let taken = |ip: Ipv4Addr| self.service_ips.values().any(|&v| v == ip);
-                let ip =
-                    next_free(&mut self.next_service_host, |h| naming::service_ip(slot, h), taken)
-                        .ok_or_else(|| ControlPlaneError::ServiceIpsExhausted {
-                            key: key.clone(),
-                            cidr: naming::service_cidr(slot),
-                        })?;
+                let next = &mut self.next_service_host;
+                let ip = next_free(next, LAST_HOST, |h| naming::service_ip(slot, h), taken)
+                    .ok_or_else(|| ControlPlaneError::ServiceIpsExhausted {
+                        key: key.clone(),
+                        cidr: naming::service_cidr(slot),
+                    })?;
                 self.service_ips.insert(key.clone(), ip);
             }
         }
@@ -444,15 +506,16 @@ impl ControlPlane {
     }
 }
 
-/// The first host number from `*next` whose address is not `taken`; advances `*next` past
-/// it. Bounded by the size of a /24.
+/// The first host number from `*next` up to `last` whose address is not `taken`; advances
+/// `*next` past it. Bounded by the size of a /24.
 fn next_free(
     next: &mut u16,
+    last: u8,
     address: impl Fn(u8) -> Ipv4Addr,
     taken: impl Fn(Ipv4Addr) -> bool,
 ) -> Option<Ipv4Addr> {
     while let Ok(host) = u8::try_from(*next) {
-        if host > LAST_HOST {
+        if host > last {
             break;
         }
         *next += 1;

@@ -15,7 +15,7 @@ use k8s_openapi::{
 use serde::Serialize;
 
 use super::{ControlPlane, ControlPlaneError, ObjectKey, READY_ANNOTATION, slices};
-use crate::naming::{self, NODE_NAME};
+use crate::topology::{self, Topology};
 
 /// The label the API server puts on every namespace, holding its name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -24,7 +24,10 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cluster {
     pub namespaces: Vec<Namespace>,
+    /// The first node (the only one of a single-node lab).
     pub node: Node,
+    /// The nodes after the first, in order; empty on a single-node lab.
+    pub other_nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
@@ -34,11 +37,14 @@ pub struct Cluster {
 impl ControlPlane {
     /// Derives the cluster state from the inputs; see the module docs.
     pub fn cluster(&self) -> Result<Cluster, ControlPlaneError> {
-        let node_ip = naming::node_ip(self.slot);
+        let (slot, topology) = (self.slot, self.topology);
         let pods: Vec<Pod> = self
             .pods
             .iter()
-            .filter_map(|(key, pod)| Some(running_pod(pod, self.pod_ip(key)?, node_ip)))
+            .filter_map(|(key, pod)| {
+                let node = self.pod_node(key)?;
+                Some(running_pod(pod, self.pod_ip(key)?, node, topology.node_ip(slot, node)))
+            })
             .collect();
         let services: Vec<Service> = self
             .services
@@ -48,9 +54,12 @@ impl ControlPlane {
         let endpoint_slices = self.endpoint_slices(&pods, &services)?;
         let namespaces = self.namespaces_in_use().into_iter().map(|n| self.namespace(n)).collect();
         let network_policies = self.network_policies.values().cloned().collect();
+        let mut nodes = topology.indices().map(|i| node(slot, topology, i));
+        let first = nodes.next().expect("a lab has at least one node");
         Ok(Cluster {
             namespaces,
-            node: node(self.slot),
+            node: first,
+            other_nodes: nodes.collect(),
             pods,
             services,
             endpoint_slices,
@@ -93,11 +102,17 @@ impl ControlPlane {
 }
 
 impl Cluster {
-    /// Multi-document YAML: namespaces, the node, pods, services, slices, policies.
+    /// Every node, the first one first.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        std::iter::once(&self.node).chain(&self.other_nodes)
+    }
+
+    /// Multi-document YAML: namespaces, the nodes, pods, services, slices, policies.
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
         let mut docs = Vec::new();
         push_all(&mut docs, &self.namespaces)?;
         push_all(&mut docs, std::slice::from_ref(&self.node))?;
+        push_all(&mut docs, &self.other_nodes)?;
         push_all(&mut docs, &self.pods)?;
         push_all(&mut docs, &self.services)?;
         push_all(&mut docs, &self.endpoint_slices)?;
@@ -133,11 +148,11 @@ pub(super) fn is_terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
-/// The pod as the kubelet would report it: scheduled here, running, with its IP.
-fn running_pod(pod: &Pod, ip: Ipv4Addr, node_ip: Ipv4Addr) -> Pod {
+/// The pod as the kubelet would report it: scheduled on node `node`, running, with its IP.
+fn running_pod(pod: &Pod, ip: Ipv4Addr, node: u8, node_ip: Ipv4Addr) -> Pod {
     let mut pod = pod.clone();
     let spec = pod.spec.get_or_insert_with(Default::default);
-    spec.node_name = Some(NODE_NAME.into());
+    spec.node_name = Some(topology::node_name(node));
     for port in spec.containers.iter_mut().flat_map(|c| c.ports.iter_mut().flatten()) {
         port.protocol.get_or_insert_with(|| "TCP".into());
     }
@@ -178,26 +193,29 @@ fn allocated_service(svc: &Service, ip: Option<Ipv4Addr>) -> Service {
     svc
 }
 
-fn node(slot: u8) -> Node {
-    let labels = [("kubernetes.io/hostname", NODE_NAME), ("kubernetes.io/os", "linux")];
+/// Node `index` as the kubelet and the node IPAM controller would show it.
+fn node(slot: u8, topology: Topology, index: u8) -> Node {
+    let name = topology::node_name(index);
+    let labels = [("kubernetes.io/hostname", name.as_str()), ("kubernetes.io/os", "linux")];
+    let pod_cidr = topology.pod_cidr(slot, index);
     Node {
         metadata: ObjectMeta {
-            name: Some(NODE_NAME.into()),
+            name: Some(name.clone()),
             labels: Some(labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect()),
             ..Default::default()
         },
         spec: Some(NodeSpec {
-            pod_cidr: Some(naming::pod_cidr(slot)),
-            pod_cidrs: Some(vec![naming::pod_cidr(slot)]),
+            pod_cidr: Some(pod_cidr.clone()),
+            pod_cidrs: Some(vec![pod_cidr]),
             ..Default::default()
         }),
         status: Some(NodeStatus {
             addresses: Some(vec![
                 NodeAddress {
                     type_: "InternalIP".into(),
-                    address: naming::node_ip(slot).to_string(),
+                    address: topology.node_ip(slot, index).to_string(),
                 },
-                NodeAddress { type_: "Hostname".into(), address: NODE_NAME.into() },
+                NodeAddress { type_: "Hostname".into(), address: name },
             ]),
             conditions: Some(vec![NodeCondition {
                 type_: "Ready".into(),

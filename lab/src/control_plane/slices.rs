@@ -26,7 +26,6 @@ use super::{
     MANAGED_BY,
     render::{is_ready, is_terminating},
 };
-use crate::naming::NODE_NAME;
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
@@ -106,7 +105,8 @@ fn endpoint(pod: &Pod) -> Option<Endpoint> {
             serving: Some(ready),
             terminating: Some(terminating),
         }),
-        node_name: Some(NODE_NAME.into()),
+        // The node `running_pod` scheduled it on.
+        node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         target_ref: Some(ObjectReference {
             kind: Some("Pod".into()),
             namespace: pod.metadata.namespace.clone(),

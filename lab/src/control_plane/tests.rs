@@ -608,3 +608,134 @@ fn label_sets_and_removes_pod_and_namespace_labels() {
     assert!(valid_label_key("kubernetes.io/metadata.name"));
     assert!(!valid_label_key("/name") && !valid_label_key("a/"));
 }
+
+// ---- several nodes ----
+
+/// A pod scheduled by its `spec.nodeName` (none: the first node).
+fn pod_on(ns: &str, name: &str, node: Option<&str>) -> Object {
+    let mut spec = json!({"containers": [{"name": "c", "ports": [{"containerPort": 80}]}]});
+    if let Some(node) = node {
+        spec["nodeName"] = json!(node);
+    }
+    obj(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": "web"}},
+        "spec": spec
+    }))
+}
+
+fn three_nodes(objects: Vec<Object>) -> ControlPlane {
+    let topology = Topology::with_nodes(3).expect("three nodes");
+    let mut cp = ControlPlane::with_topology(SLOT, topology);
+    cp.apply(objects).expect("apply");
+    cp
+}
+
+#[test]
+fn pods_run_on_their_node_name_with_an_ip_of_its_pod_cidr() {
+    let cp = three_nodes(vec![
+        pod_on("a", "p0", None),
+        pod_on("a", "p1", Some("lab-node1")),
+        pod_on("a", "p2", Some("lab-node2")),
+        pod_on("a", "q1", Some("lab-node1")),
+        pod_on("a", "q0", Some("lab-node")),
+        svc("a", "web", json!({"app": "web"}), json!([{"port": 80}])),
+    ]);
+    let ip = |name: &str| cp.pod_ip(&key("a", name)).expect("ip").to_string();
+    assert_eq!(
+        [ip("p0"), ip("q0"), ip("p1"), ip("q1"), ip("p2")],
+        ["10.244.7.2", "10.244.7.3", "10.244.7.66", "10.244.7.67", "10.244.7.130"]
+    );
+    assert_eq!(cp.pod_node(&key("a", "p0")), Some(0));
+    assert_eq!(cp.pod_node(&key("a", "p2")), Some(2));
+
+    let cluster = cp.cluster().expect("cluster");
+    let running = |name: &str| {
+        let pod = cluster.pods.iter().find(|p| p.metadata.name.as_deref() == Some(name));
+        let pod = pod.expect("running pod");
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        (node.expect("nodeName"), pod.status.as_ref().and_then(|s| s.host_ip.clone()))
+    };
+    assert_eq!(running("p0"), (s("lab-node"), Some(s("192.168.7.10"))));
+    assert_eq!(running("p2"), (s("lab-node2"), Some(s("192.168.7.12"))));
+
+    let nodes: Vec<(String, String, String)> = cluster
+        .nodes()
+        .map(|n| {
+            let spec = n.spec.clone().expect("spec");
+            let addresses = n.status.clone().and_then(|s| s.addresses).expect("addresses");
+            let internal = addresses.iter().find(|a| a.type_ == "InternalIP").expect("IP");
+            let name = n.metadata.name.clone().expect("name");
+            (name, internal.address.clone(), spec.pod_cidr.expect("podCIDR"))
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            (s("lab-node"), s("192.168.7.10"), s("10.244.7.0/26")),
+            (s("lab-node1"), s("192.168.7.11"), s("10.244.7.64/26")),
+            (s("lab-node2"), s("192.168.7.12"), s("10.244.7.128/26")),
+        ]
+    );
+    let yaml = cluster.to_yaml().expect("yaml");
+    assert_eq!(yaml.matches("kind: Node\n").count(), 3, "{yaml}");
+
+    // Every endpoint names the node its pod runs on (topology-aware routing reads it).
+    let slice = slices_of(&cp, "web").remove(0);
+    let mut endpoints: Vec<(String, String)> = slice
+        .endpoints
+        .iter()
+        .map(|e| (e.addresses[0].clone(), e.node_name.clone().expect("nodeName")))
+        .collect();
+    endpoints.sort();
+    assert_eq!(endpoints[0], (s("10.244.7.130"), s("lab-node2")));
+    assert_eq!(endpoints[4], (s("10.244.7.67"), s("lab-node1")));
+}
+
+#[test]
+fn a_pod_cannot_name_a_missing_node_or_move() {
+    let mut cp = three_nodes(vec![pod_on("a", "p", Some("lab-node1"))]);
+    let before = cp.clone();
+    let err = cp.apply(vec![pod_on("a", "q", Some("lab-node3"))]).expect_err("no such node");
+    assert!(matches!(&err, ControlPlaneError::UnknownNode { node, .. } if node == "lab-node3"));
+    assert!(err.to_string().contains("lab-node, lab-node1, lab-node2"), "{err}");
+    let err = cp.apply(vec![pod_on("a", "p", Some("lab-node2"))]).expect_err("moved");
+    assert!(matches!(err, ControlPlaneError::NodeChanged { .. }), "{err}");
+    let err = cp.apply(vec![pod_on("a", "p", None)]).expect_err("moved to the default node");
+    assert!(matches!(err, ControlPlaneError::NodeChanged { .. }), "{err}");
+    assert_eq!(cp, before, "a refused apply changes nothing");
+    cp.apply(vec![pod_on("a", "p", Some("lab-node1"))]).expect("same node is a replace");
+
+    // A single-node lab has only `lab-node`.
+    let err = ControlPlane::new(SLOT).apply(vec![pod_on("a", "p", Some("lab-node1"))]);
+    assert!(matches!(err, Err(ControlPlaneError::UnknownNode { .. })), "{err:?}");
+    let single = applied(vec![pod_on("a", "p", Some("lab-node"))]);
+    assert_eq!(single.pod_ip(&key("a", "p")), Some(Ipv4Addr::new(10, 244, SLOT, 2)));
+}
+
+#[test]
+fn each_node_runs_out_of_pod_ips_on_its_own() {
+    let many = (0..61).map(|i| pod_on("a", &format!("p{i}"), Some("lab-node1"))).collect();
+    let mut cp = three_nodes(many);
+    assert_eq!(cp.pod_ip(&key("a", "p60")), Some(Ipv4Addr::new(10, 244, SLOT, 126)));
+    let err = cp.apply(vec![pod_on("a", "one-more", Some("lab-node1"))]).expect_err("full");
+    assert!(
+        matches!(&err, ControlPlaneError::PodIpsExhausted { cidr, .. } if cidr == "10.244.7.64/26"),
+        "{err}"
+    );
+    cp.apply(vec![pod_on("a", "elsewhere", Some("lab-node2"))]).expect("node 2 has room");
+}
+
+#[test]
+fn state_without_a_topology_is_a_single_node() {
+    let mut json = serde_json::to_value(applied(vec![pod_on("a", "p", None)])).expect("json");
+    let object = json.as_object_mut().expect("object");
+    object.remove("topology");
+    object.remove("next_pod_host_of");
+    let cp: ControlPlane = serde_json::from_value(json).expect("old state parses");
+    assert_eq!(cp.topology(), Topology::Single);
+    let round: ControlPlane =
+        serde_json::from_value(serde_json::to_value(three_nodes(vec![])).expect("json"))
+            .expect("parses");
+    assert_eq!(round.topology(), Topology::Underlay { nodes: 3 });
+}

@@ -18,34 +18,47 @@ impl Lab {
     /// At teardown it gets SIGTERM, then SIGKILL after a grace period. `NODE_NAME` is set to
     /// the lab node's name, `NODEPLANE_BPFFS_DIR` to the lab's own pin directory (removed
     /// at teardown), `NODEPLANE_STATE_DIR` to [`Lab::agent_state_dir`].
+    /// On a multi-node lab, this is [`Lab::spawn_in`] the first node.
     pub fn spawn_in_node(
         &self,
         cmd: &[impl AsRef<OsStr>],
         log_name: &str,
     ) -> Result<Child, LabError> {
+        self.spawn_in(0, cmd, log_name)
+    }
+
+    /// [`Lab::spawn_in_node`] on node `node` (an index, see [`Lab::node`]), with that
+    /// node's `NODE_NAME`, pin directory and state directory.
+    pub fn spawn_in(
+        &self,
+        node: u8,
+        cmd: &[impl AsRef<OsStr>],
+        log_name: &str,
+    ) -> Result<Child, LabError> {
+        let node = self.node(node)?;
         let (program, args) = cmd.split_first().ok_or(LabError::EmptyCommand)?;
-        let what = format!("{} in {}", program.as_ref().to_string_lossy(), self.node_netns());
+        let what = format!("{} in {}", program.as_ref().to_string_lossy(), node.netns());
         // setns, not `ip netns exec`: the agent pins on the host's bpffs.
-        let mut cmd = netns::enter_command(&self.node_netns(), program, args)?;
-        // What a DaemonSet's downward API gives the agent: the node's name (the lab's pods
-        // are scheduled on it), so it knows which pods are local.
-        cmd.env("NODE_NAME", crate::naming::NODE_NAME);
-        cmd.env("NODEPLANE_BPFFS_DIR", self.bpffs_dir());
+        let mut cmd = netns::enter_command(&node.netns(), program, args)?;
+        // What a DaemonSet's downward API gives the agent: the node's name (pods carry it
+        // in spec.nodeName), so it knows which pods are local.
+        cmd.env("NODE_NAME", node.name());
+        cmd.env("NODEPLANE_BPFFS_DIR", node.bpffs_dir());
         // `inspect`'s names snapshot: in the lab's state dir, so labs side by side never
         // overwrite each other's (and it goes at teardown).
-        cmd.env("NODEPLANE_STATE_DIR", self.agent_state_dir());
+        cmd.env("NODEPLANE_STATE_DIR", node.agent_state_dir());
         self.spawn_logged(cmd, log_name, what)
     }
 
     /// The lab agent's `--state-dir` (`NODEPLANE_STATE_DIR`): where it writes the names
-    /// snapshot `nodeplane-agent inspect` reads.
+    /// snapshot `nodeplane-agent inspect` reads. The first node's on a multi-node lab.
     pub fn agent_state_dir(&self) -> std::path::PathBuf {
-        self.state_dir.join("agent")
+        self.nodes().next().expect("a lab has a node").agent_state_dir()
     }
 
-    /// Where the lab's agent pins the datapath.
+    /// Where the lab's agent pins the datapath. The first node's on a multi-node lab.
     pub fn bpffs_dir(&self) -> std::path::PathBuf {
-        crate::naming::bpffs_dir(self.slot)
+        self.nodes().next().expect("a lab has a node").bpffs_dir()
     }
 
     pub(super) fn spawn_logged(

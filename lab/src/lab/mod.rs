@@ -4,8 +4,10 @@
 //! * this file: configuration, errors, and the lab's lifecycle (up, open, apply, delete);
 //! * `pods`: pod netns and servers, and waiting until the servers answer;
 //! * `access`: reaching into pods and the node (sockets, commands, the agent);
+//! * `nodes`: the nodes of a lab, and the external client and internet of an underlay;
 //! * `teardown`: tearing down one lab, remains of dead ones, or all of them.
 mod access;
+mod nodes;
 mod pods;
 mod teardown;
 
@@ -19,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+pub use nodes::LabNode;
 use serde::{Deserialize, Serialize};
 use teardown::destroy_remains;
 pub use teardown::down_all;
@@ -29,6 +32,8 @@ use crate::{
     netns::{self, NetnsError},
     server::Protocol,
     slot::{Owner, SlotError, Slots},
+    topology::{Topology, TopologyError},
+    underlay,
 };
 
 /// Where labs keep their state unless told otherwise.
@@ -76,6 +81,12 @@ pub enum LabError {
     NoLabBin,
     #[error("no current lab in {} (start one with `nodeplane-lab up`)", .0.display())]
     NoCurrentLab(PathBuf),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("the lab has no node {index} (it has {nodes})")]
+    UnknownNode { index: u8, nodes: u8 },
+    #[error("a single-node lab has no underlay (no external client, no internet)")]
+    NoUnderlay,
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LabError {
@@ -139,8 +150,8 @@ fn parse_sources(docs: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<Vec<Obje
     Ok(objects)
 }
 
-/// A lab: one node and its pods in network namespaces. Torn down on drop unless
-/// persistent.
+/// A lab: one node (or several, on an underlay: see [`Topology`]) and its pods in network
+/// namespaces. Torn down on drop unless persistent.
 ///
 /// Every method takes `&self`, so tests can flip readiness or delete objects while other
 /// threads keep sending traffic. Changes are serialized by one lock, which is never held
@@ -148,6 +159,8 @@ fn parse_sources(docs: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<Vec<Obje
 pub struct Lab {
     cfg: LabConfig,
     slot: u8,
+    /// The control plane's, kept here too: it never changes.
+    topology: Topology,
     state_dir: PathBuf,
     inner: Mutex<Inner>,
 }
@@ -167,6 +180,18 @@ impl Lab {
         cfg: LabConfig,
         docs: &[(impl AsRef<str>, impl AsRef<str>)],
     ) -> Result<Lab, LabError> {
+        Lab::up_with(cfg, Topology::Single, docs)
+    }
+
+    /// [`Lab::up`] shaped as `topology`: on an underlay, every node, the router, the
+    /// external client and the internet are built before the pods, each pod on the node
+    /// its `spec.nodeName` names (the first node without one).
+    pub fn up_with(
+        cfg: LabConfig,
+        topology: Topology,
+        docs: &[(impl AsRef<str>, impl AsRef<str>)],
+    ) -> Result<Lab, LabError> {
+        topology.check()?;
         let objects = parse_sources(docs)?;
         let owner = if cfg.persistent { Owner::Cli } else { Owner::me() };
         let root = cfg.state_root.clone();
@@ -175,7 +200,7 @@ impl Lab {
             |n| state_dir(&root, n),
             |stale| destroy_remains(stale.slot, stale.state_dir.as_deref()),
         )?;
-        let lab = Lab::new(cfg, slot, ControlPlane::new(slot));
+        let lab = Lab::new(cfg, slot, ControlPlane::with_topology(slot, topology));
         if let Err(e) = lab.build(objects) {
             if let Err(t) = lab.teardown() {
                 tracing::warn!(slot, error = %t, "teardown after a failed up");
@@ -186,8 +211,10 @@ impl Lab {
     }
 
     fn new(cfg: LabConfig, slot: u8, control: ControlPlane) -> Lab {
+        let topology = control.topology();
         let inner = Inner { control, servers: BTreeMap::new(), torn_down: false };
-        Lab { state_dir: state_dir(&cfg.state_root, slot), cfg, slot, inner: Mutex::new(inner) }
+        let state_dir = state_dir(&cfg.state_root, slot);
+        Lab { state_dir, cfg, slot, topology, inner: Mutex::new(inner) }
     }
 
     fn build(&self, objects: Vec<Object>) -> Result<(), LabError> {
@@ -195,7 +222,10 @@ impl Lab {
         destroy_remains(self.slot, Some(&self.state_dir))?;
         let manifests = self.manifests_dir();
         fs::create_dir_all(&manifests).map_err(io_err("creating", &manifests))?;
-        netns::create_node(&self.node_netns(), naming::node_ip(self.slot))?;
+        match self.topology {
+            Topology::Single => netns::create_node(&self.node_netns(), naming::node_ip(self.slot))?,
+            Topology::Underlay { .. } => underlay::create(self.slot, self.topology)?,
+        }
         if self.cfg.persistent {
             let current = current_path(&self.cfg.state_root);
             files::write_atomic(&current, format!("{}\n", self.slot).as_bytes())

@@ -12,6 +12,7 @@ use crate::{
     naming,
     netns::{self, PodLink},
     server::{self, ServeConfig},
+    topology,
 };
 
 impl Lab {
@@ -26,8 +27,10 @@ impl Lab {
             let cfg = ServeConfig::for_pod(pod);
             match inner.control.pod(key) {
                 None => {
-                    let ip = next.pod_ip(key).ok_or_else(|| LabError::UnknownPod(key.clone()))?;
-                    self.create_pod(key, ip)?;
+                    let unknown = || LabError::UnknownPod(key.clone());
+                    let ip = next.pod_ip(key).ok_or_else(unknown)?;
+                    let node = next.pod_node(key).ok_or_else(unknown)?;
+                    self.create_pod(key, ip, node)?;
                 }
                 Some(old) if ServeConfig::for_pod(old) != cfg => self.stop_server(inner, key)?,
                 Some(_) => continue,
@@ -54,9 +57,10 @@ impl Lab {
         }
     }
 
-    fn create_pod(&self, key: &ObjectKey, ip: Ipv4Addr) -> Result<(), LabError> {
+    /// Wires the pod to node `node` (its index).
+    fn create_pod(&self, key: &ObjectKey, ip: Ipv4Addr, node: u8) -> Result<(), LabError> {
         let (node_netns, pod_netns) =
-            (self.node_netns(), self.pod_netns(&key.namespace, &key.name));
+            (topology::node_netns(self.slot, node), self.pod_netns(&key.namespace, &key.name));
         let host_veth = naming::host_veth(&key.namespace, &key.name);
         let link =
             PodLink { node_netns: &node_netns, pod_netns: &pod_netns, host_veth: &host_veth, ip };

@@ -3,7 +3,7 @@
 use std::{fs, io, path::Path, time::Duration};
 
 use super::{Lab, LabError, current_path, current_slot, io_err, pods::reap};
-use crate::{files, naming, netns, process, slot::Slots};
+use crate::{files, naming, netns, process, slot::Slots, topology};
 
 /// How long processes in the node netns (the agent) get between SIGTERM and SIGKILL.
 const NODE_GRACE: Duration = Duration::from_secs(3);
@@ -44,20 +44,21 @@ impl Drop for Lab {
 }
 
 /// SIGTERM to everything in the node netns (the agent wants to clean up), SIGKILL after
-/// [`NODE_GRACE`].
+/// [`NODE_GRACE`]. Every node of a multi-node lab, under one grace period.
 fn stop_node_processes(slot: u8) {
-    let node = naming::node_netns(slot);
-    if !netns::exists(&node) {
-        return;
-    }
-    match netns::pids(&node) {
-        Ok(pids) => {
-            let me = std::process::id();
-            let pids: Vec<u32> = pids.into_iter().filter(|&p| p != me).collect();
-            process::terminate(&pids, NODE_GRACE);
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    for index in 0..topology::MAX_NODES {
+        let node = topology::node_netns(slot, index);
+        if !netns::exists(&node) {
+            continue;
         }
-        Err(e) => tracing::warn!(netns = %node, error = %e, "listing node processes"),
+        match netns::pids(&node) {
+            Ok(found) => pids.extend(found.into_iter().filter(|&p| p != me)),
+            Err(e) => tracing::warn!(netns = %node, error = %e, "listing node processes"),
+        }
     }
+    process::terminate(&pids, NODE_GRACE);
 }
 
 /// Kills and deletes every netns of `slot`, removes its agent's pins and its state
