@@ -469,7 +469,8 @@ fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Optio
 /// SIGUSR1 change.
 pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
     let pins = PinDir::new(&config.bpffs_dir);
-    let mut datapath = Datapath::open_pinned(pins, &[]).context("loading the datapath")?;
+    let sizes = [(names::CT_V4, config.conntrack_entries)];
+    let mut datapath = Datapath::open_pinned(pins, &sizes).context("loading the datapath")?;
     let written = datapath.maps().read_written().context("reading the pinned maps")?;
     let adopted = datapath.adopted(names::SERVICES_V4);
     info!(

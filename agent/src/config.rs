@@ -111,6 +111,14 @@ pub struct RunArgs {
           value_name = "DIR")]
     pub bpffs_dir: std::path::PathBuf,
 
+    /// Capacity of the service conntrack table (`CT_V4`, an LRU: two entries per flow).
+    /// Changing it on a running node creates a new table at the next start and copies the
+    /// live flows into it, so established connections survive.
+    #[arg(long, env = "NODEPLANE_CONNTRACK_ENTRIES",
+          default_value_t = nodeplane_common::maps::MAX_CT_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216), value_name = "N")]
+    pub conntrack_entries: u32,
+
     /// Where the agent writes files about its state for `nodeplane-agent inspect`: the
     /// names snapshot (names.json: Services, pods, identities, policy sets and rules by
     /// number), rewritten atomically after a sync that changed them.
@@ -191,6 +199,7 @@ struct FileConfig {
     occupancy_interval: Option<String>,
     conntrack_gc_interval: Option<String>,
     bpffs_dir: Option<String>,
+    conntrack_entries: Option<u32>,
     state_dir: Option<String>,
     flow_log: Option<String>,
     flow_log_allowed: Option<bool>,
@@ -226,6 +235,7 @@ pub struct Config {
     /// The conntrack expiry pass's interval.
     pub conntrack_gc: crate::ctgc::Interval,
     pub bpffs_dir: std::path::PathBuf,
+    pub conntrack_entries: u32,
     /// Where `inspect`'s names snapshot is written.
     pub state_dir: std::path::PathBuf,
     /// `None`: no flow log (`--flow-log` not given or empty).
@@ -303,6 +313,7 @@ impl Config {
         from_file!(occupancy_interval, "occupancyInterval", |v| parse_duration(&v));
         from_file!(conntrack_gc_interval, "conntrackGcInterval", |v| parse_duration(&v));
         from_file!(bpffs_dir, "bpffsDir", |v| Ok(std::path::PathBuf::from(v)));
+        from_file!(conntrack_entries, "conntrackEntries", |v| ct_entries(v));
         from_file!(state_dir, "stateDir", |v| Ok(std::path::PathBuf::from(v)));
         from_file!(flow_log, "flowLog", |v| Ok(Some(v)));
         from_file!(flow_log_allowed, "flowLogAllowed", |v| Ok(v));
@@ -354,9 +365,19 @@ impl Config {
             occupancy_interval: args.occupancy_interval,
             conntrack_gc: crate::ctgc::Interval::from_flag(args.conntrack_gc_interval),
             bpffs_dir: args.bpffs_dir,
+            conntrack_entries: args.conntrack_entries,
             state_dir: args.state_dir,
             flow_log,
         })
+    }
+}
+
+/// `conntrackEntries` in the file: the flag's range.
+fn ct_entries(v: u32) -> Result<u32, String> {
+    if (1024..=16_777_216).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in 1024..=16777216"))
     }
 }
 
@@ -535,6 +556,21 @@ mod tests {
         assert_eq!(c.state_dir, std::path::PathBuf::from("/tmp/x"), "the flag wins");
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("[env: NODEPLANE_STATE_DIR"), "{help}");
+    }
+
+    #[test]
+    fn conntrack_entries_from_flag_file_and_default_within_range() {
+        let c = resolve(&["--node-name=n"], "").unwrap();
+        assert_eq!(c.conntrack_entries, nodeplane_common::maps::MAX_CT_ENTRIES);
+        let c = resolve(&["--node-name=n"], "conntrackEntries: 65536\n").unwrap();
+        assert_eq!(c.conntrack_entries, 65536);
+        let c =
+            resolve(&["--node-name=n", "--conntrack-entries=4096"], "conntrackEntries: 65536\n")
+                .unwrap();
+        assert_eq!(c.conntrack_entries, 4096, "the flag wins");
+        let e = resolve(&["--node-name=n"], "conntrackEntries: 10\n").unwrap_err();
+        assert!(format!("{e:#}").contains("conntrackEntries"), "{e:#}");
+        assert!(resolve(&["--node-name=n", "--conntrack-entries=10"], "").is_err());
     }
 
     #[test]

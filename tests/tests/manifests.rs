@@ -54,6 +54,7 @@ const AGENT_SETTINGS: &[(&str, &str)] = &[
     ("--log-level", "NODEPLANE_LOG_LEVEL"),
     ("--occupancy-interval", "NODEPLANE_OCCUPANCY_INTERVAL"),
     ("--bpffs-dir", "NODEPLANE_BPFFS_DIR"),
+    ("--conntrack-entries", "NODEPLANE_CONNTRACK_ENTRIES"),
     ("--conntrack-gc-interval", "NODEPLANE_CONNTRACK_GC_INTERVAL"),
     ("--state-dir", "NODEPLANE_STATE_DIR"),
     ("--flow-log", "NODEPLANE_FLOW_LOG"),
