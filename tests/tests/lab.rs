@@ -5,53 +5,19 @@ use std::{
     collections::BTreeSet,
     ffi::OsString,
     net::{Ipv4Addr, SocketAddrV4},
-    process::Child,
     time::{Duration, Instant},
 };
 
-use nodeplane_lab::{Lab, LabConfig};
-use nodeplane_tests::bin;
+use nodeplane_lab::Lab;
+use nodeplane_tests::{bin, cluster::Cluster};
 
 const DEMO: &str = include_str!("../../lab/examples/demo.yaml");
 const TIMEOUT: Duration = Duration::from_secs(2);
 const CONVERGE: Duration = Duration::from_secs(20);
 
-/// The demo cluster with the agent running in the node namespace. Dropping it tears the
-/// lab down (which stops the agent) and then reaps the agent process.
-struct Cluster {
-    lab: Option<Lab>,
-    agent: Child,
-}
-
-impl std::ops::Deref for Cluster {
-    type Target = Lab;
-    fn deref(&self) -> &Lab {
-        self.lab.as_ref().expect("the lab lives until drop")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        drop(self.lab.take());
-        let _ = self.agent.kill();
-        let _ = self.agent.wait();
-    }
-}
-
+/// The demo cluster with the agent running in the node namespace.
 fn lab() -> Cluster {
-    let cfg = LabConfig::new(bin("NODEPLANE_LAB_BIN"));
-    let lab = Lab::up(cfg, &[("demo.yaml", DEMO)]).unwrap_or_else(|e| panic!("lab up: {e:#}"));
-    let agent: Vec<OsString> = vec![
-        bin("NODEPLANE_AGENT_BIN").into(),
-        "run".into(),
-        "--manifests".into(),
-        lab.manifests_dir().into(),
-        "--iface-prefix".into(),
-        nodeplane_lab::HOST_VETH_PREFIX.into(),
-    ];
-    let agent =
-        lab.spawn_in_node(&agent, "agent").unwrap_or_else(|e| panic!("starting the agent: {e:#}"));
-    Cluster { lab: Some(lab), agent }
+    Cluster::up(&[("demo.yaml", DEMO)], &[])
 }
 
 fn vip(lab: &Lab, port: u16) -> SocketAddrV4 {
