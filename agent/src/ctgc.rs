@@ -767,7 +767,13 @@ mod tests {
 
     fn frontend(backends: Vec<BackendV4>) -> Frontend {
         let service = ObjectKey::namespaced("d", "dns");
-        Frontend { service, port_name: String::new(), backends, draining: Vec::new() }
+        Frontend {
+            service,
+            port_name: String::new(),
+            backends,
+            draining: Vec::new(),
+            session_affinity: crate::model::SessionAffinity::None,
+        }
     }
 
     #[test]

@@ -21,7 +21,10 @@ use aya::{
     },
 };
 use nodeplane_common::{
-    maps::{BackendV4, Counter, CtKeyV4, CtValueV4, ServiceKeyV4, ServiceValue, SlotKey, names},
+    maps::{
+        AffinityKeyV4, AffinityValueV4, BackendV4, Counter, CtKeyV4, CtValueV4, ServiceKeyV4,
+        ServiceValue, SlotKey, names,
+    },
     policy::{
         EndpointV4, FragKeyV4, FragValueV4, IpcacheKeyV4, PolicyConfig, PolicyCounterKey,
         PolicyCtKey, PolicyCtValue, PolicyKey, PolicyValue,
@@ -113,6 +116,9 @@ pub struct Maps {
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, BackendV4>,
     pub ct: HashMap<MapData, CtKeyV4, CtValueV4>,
+    /// Session affinity, `(service id, client IP)` -> backend (an LRU written by the
+    /// datapath; read here for tests and `inspect`).
+    pub affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
     pub counters: PerCpuArray<MapData, Counter>,
     /// Peer prefix -> identity.
     pub ipcache: LpmTrie<MapData, IpcacheKeyV4, u32>,
@@ -166,6 +172,7 @@ impl Datapath {
             slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,
             backends: take_map(&mut ebpf, names::BACKENDS_V4)?,
             ct: take_map(&mut ebpf, names::CT_V4)?,
+            affinity: take_map(&mut ebpf, names::AFFINITY_V4)?,
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             ipcache: take_map(&mut ebpf, names::IPCACHE_V4)?,
             endpoints: take_map(&mut ebpf, names::ENDPOINTS_V4)?,
@@ -516,6 +523,7 @@ impl Maps {
             of(names::BACKEND_SLOTS, &self.slots)?,
             of(names::BACKENDS_V4, &self.backends)?,
             of(names::CT_V4, &self.ct)?,
+            of(names::AFFINITY_V4, &self.affinity)?,
             of(names::IPCACHE_V4, &self.ipcache)?,
             of(names::ENDPOINTS_V4, &self.endpoints)?,
             of(names::POLICY_V4, &self.policy)?,

@@ -36,6 +36,9 @@
 //!    the traffic is dropped, never sent to another node.
 //! 7. A Service with a frontend of more than [`MAX_BACKENDS_PER_SERVICE`] backends is left
 //!    out entirely and listed in [`Desired::skipped`].
+//! 8. `sessionAffinity: ClientIP` applies to every frontend of the Service, each on its own
+//!    (kube-proxy keeps affinity per Service port too): the datapath remembers per
+//!    (frontend, client IP) the backend of the client's last new flow.
 //!
 //! Without a node name ([`compute`], the file source in the lab) `Local` cannot be
 //! evaluated and is treated as `Cluster`: every endpoint is used. Dropping all traffic of
@@ -52,7 +55,7 @@ use nodeplane_common::maps::{
 
 use crate::{
     index::{Dirty, Index},
-    model::{Endpoint, Protocol, Service, ServicePort},
+    model::{Endpoint, Protocol, Service, ServicePort, SessionAffinity},
     source::ObjectKey,
 };
 
@@ -74,6 +77,8 @@ pub struct Frontend {
     /// TCP only: endpoints still listed for this port but not in `backends` (rule 5),
     /// sorted. They get a `BACKENDS_V4` entry and no slot.
     pub draining: Vec<BackendV4>,
+    /// The Service's `sessionAffinity` (rule 8), written into the frontend's entry.
+    pub session_affinity: SessionAffinity,
 }
 
 /// Where the agent runs: what the node-aware rules need to know.
@@ -278,6 +283,7 @@ fn service_frontends(
                 port_name: port.name.clone(),
                 backends: backends.clone(),
                 draining: draining.clone(),
+                session_affinity: service.session_affinity,
             };
             out.push((key, frontend));
         }
@@ -854,6 +860,44 @@ mod tests {
         assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.2.1", 8080)]);
         let api = ServiceKeyV4::new([10, 96, 0, 11], 80, IPPROTO_TCP);
         assert_eq!(backends_of(&d, api), vec![be("10.0.1.9", 8080), be("10.0.2.9", 8080)]);
+    }
+
+    #[test]
+    fn session_affinity_is_carried_to_every_frontend_of_the_service() {
+        let mut svc =
+            mk_service("default", "web", "10.96.0.10", &[("http", 80, ""), ("dns", 53, "UDP")]);
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.session_affinity = Some("ClientIP".into());
+            spec.session_affinity_config =
+                Some(k8s_openapi::api::core::v1::SessionAffinityConfig {
+                    client_ip: Some(k8s_openapi::api::core::v1::ClientIPConfig {
+                        timeout_seconds: Some(5),
+                    }),
+                });
+        }
+        let mut index = index_with(svc, vec![]);
+        index.apply(mk_service("default", "api", "10.96.0.11", &[("http", 80, "")]));
+        let d = compute(&index);
+        let sticky = SessionAffinity::ClientIp { timeout_s: 5 };
+        assert_eq!(d.frontends[&tcp(80)].session_affinity, sticky);
+        assert_eq!(d.frontends[&ServiceKeyV4::new(VIP, 53, IPPROTO_UDP)].session_affinity, sticky);
+        let api = ServiceKeyV4::new([10, 96, 0, 11], 80, IPPROTO_TCP);
+        assert_eq!(d.frontends[&api].session_affinity, SessionAffinity::None);
+
+        // A Service change (affinity on or off) is a full recompute, never incremental.
+        let mut index = index_with(web(), vec![]);
+        let mut d = compute(&index);
+        index.take_dirty();
+        let mut svc = web();
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.session_affinity = Some("ClientIP".into());
+        }
+        index.apply(svc);
+        let dirty = index.take_dirty();
+        assert!(dirty.all);
+        assert_eq!(update(&mut d, &index, &NodeContext::default(), &dirty), None);
+        let default = SessionAffinity::ClientIp { timeout_s: 10_800 };
+        assert_eq!(d.frontends[&tcp(80)].session_affinity, default);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!
 //! | object        | skipped entirely (`debug!`, by design)                     | skipped with a warning                                   |
 //! |---------------|------------------------------------------------------------|----------------------------------------------------------|
-//! | Service       | `service-proxy-name` label, headless, ExternalName, no clusterIP, IPv6-only | invalid clusterIP (whole Service); port with SCTP/unknown protocol or bad number (that port) |
+//! | Service       | `service-proxy-name` label, headless, ExternalName, no clusterIP, IPv6-only | invalid clusterIP (whole Service); port with SCTP/unknown protocol or bad number (that port); unknown `sessionAffinity` (repaired: none) or `timeoutSeconds` outside 1..=86400 (repaired: clamped) |
 //! | EndpointSlice | addressType other than IPv4                                | no `service-name` label (whole slice); bad port (that port); bad address (that endpoint) |
 //! | NetworkPolicy | –                                                          | invalid peer or port (that peer or port, fail closed; see [`policy::convert`](crate::policy::convert)) |
 //!
@@ -26,7 +26,8 @@ use k8s_openapi::api::{core::v1 as corev1, discovery::v1 as discoveryv1};
 use crate::{
     model::{
         ContainerPort, Endpoint, EndpointPort, EndpointSlice, Ipv4Cidr, Namespace, Node,
-        NodeAddress, Pod, PodPhase, Protocol, Service, ServicePort, parse_ipv4_canonical,
+        NodeAddress, Pod, PodPhase, Protocol, Service, ServicePort, SessionAffinity,
+        parse_ipv4_canonical,
     },
     policy::{
         Policy, PolicyProtocol,
@@ -57,6 +58,12 @@ pub enum SkipReason {
     ForbiddenEndpointAddress { address: String, why: &'static str },
     #[error("{SERVICE_NAME_LABEL} {name:?} is not a valid Service name; skipping the slice")]
     InvalidServiceName { name: String },
+    #[error("sessionAffinity {value:?} is not supported; using None")]
+    UnsupportedSessionAffinity { value: String },
+    #[error(
+        "sessionAffinityConfig.clientIP.timeoutSeconds {timeout} is outside 1..=86400; using {used}"
+    )]
+    InvalidAffinityTimeout { timeout: i32, used: u32 },
     /// A NetworkPolicy part dropped or repaired, fail closed (never widening the policy).
     #[error("{0}")]
     InvalidPolicyPart(PolicyIssue),
@@ -73,6 +80,8 @@ impl SkipReason {
             SkipReason::InvalidEndpointAddress { .. } => "invalid_endpoint_address",
             SkipReason::ForbiddenEndpointAddress { .. } => "forbidden_endpoint_address",
             SkipReason::InvalidServiceName { .. } => "invalid_service_name",
+            SkipReason::UnsupportedSessionAffinity { .. } => "unsupported_session_affinity",
+            SkipReason::InvalidAffinityTimeout { .. } => "invalid_affinity_timeout",
             SkipReason::InvalidPolicyPart(_) => "invalid_policy_part",
         }
     }
@@ -478,7 +487,41 @@ fn convert_service(
         labels,
         selector: spec.selector.clone(),
         internal_traffic_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        session_affinity: convert_affinity(spec, skips),
     })
+}
+
+/// `spec.sessionAffinity` and its timeout. The API server only admits `None` and
+/// `ClientIP` with a timeout in 1..=86400; objects that bypassed it (files, old objects)
+/// are repaired rather than skipped, with a warning, since the Service itself is fine:
+/// an unknown mode means no affinity, and a timeout out of range is clamped into
+/// 1..=86400 (kube-proxy would pass it to iptables as is).
+fn convert_affinity(spec: &corev1::ServiceSpec, skips: &mut Vec<SkipReason>) -> SessionAffinity {
+    use nodeplane_common::maps::{AFFINITY_TIMEOUT_DEFAULT_S, AFFINITY_TIMEOUT_MAX_S};
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => return SessionAffinity::None,
+        Some("ClientIP") => {}
+        Some(other) => {
+            skips.push(SkipReason::UnsupportedSessionAffinity { value: other.to_string() });
+            return SessionAffinity::None;
+        }
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    let timeout_s = match timeout {
+        None => AFFINITY_TIMEOUT_DEFAULT_S,
+        Some(t) => {
+            let used = u32::try_from(t.max(1)).unwrap_or(1).min(AFFINITY_TIMEOUT_MAX_S);
+            if i64::from(t) != i64::from(used) {
+                skips.push(SkipReason::InvalidAffinityTimeout { timeout: t, used });
+            }
+            used
+        }
+    };
+    SessionAffinity::ClientIp { timeout_s }
 }
 
 fn convert_slice(
@@ -828,6 +871,67 @@ mod tests {
         }
         assert_eq!(index.services().count(), 0);
         assert_eq!(index.skipped_counts(), BTreeMap::from([("invalid_cluster_ip", 4)]));
+    }
+
+    fn with_affinity(mode: Option<&str>, timeout: Option<i32>) -> corev1::Service {
+        let mut svc = mk_service("default", "web", "10.96.0.10", &[("", 80, "")]);
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.session_affinity = mode.map(str::to_string);
+            spec.session_affinity_config = timeout.map(|t| corev1::SessionAffinityConfig {
+                client_ip: Some(corev1::ClientIPConfig { timeout_seconds: Some(t) }),
+            });
+        }
+        svc
+    }
+
+    #[test]
+    fn session_affinity_is_parsed_with_its_timeout_or_the_default() {
+        let cases = [
+            (None, None, SessionAffinity::None),
+            (Some("None"), Some(30), SessionAffinity::None),
+            (Some("ClientIP"), Some(1), SessionAffinity::ClientIp { timeout_s: 1 }),
+            (Some("ClientIP"), Some(86_400), SessionAffinity::ClientIp { timeout_s: 86_400 }),
+            (Some("ClientIP"), None, SessionAffinity::ClientIp { timeout_s: 10_800 }),
+        ];
+        for (mode, timeout, want) in cases {
+            let mut index = Index::new();
+            index.apply(with_affinity(mode, timeout));
+            let svc = index.service(&key("default", "web")).expect("indexed");
+            assert_eq!(svc.session_affinity, want, "{mode:?} {timeout:?}");
+            assert!(index.skipped_counts().is_empty(), "{mode:?} {timeout:?}");
+        }
+        // A config without a clientIP part is the default timeout too.
+        let mut svc = with_affinity(Some("ClientIP"), None);
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.session_affinity_config = Some(corev1::SessionAffinityConfig { client_ip: None });
+        }
+        let mut index = Index::new();
+        index.apply(svc);
+        let got = index.service(&key("default", "web")).map(|s| s.session_affinity);
+        assert_eq!(got, Some(SessionAffinity::ClientIp { timeout_s: 10_800 }));
+    }
+
+    #[test]
+    fn out_of_range_affinity_timeouts_are_clamped_with_a_reason() {
+        for (timeout, used) in [(0, 1), (-5, 1), (86_401, 86_400), (i32::MAX, 86_400)] {
+            let mut index = Index::new();
+            index.apply(with_affinity(Some("ClientIP"), Some(timeout)));
+            let svc = index.service(&key("default", "web")).expect("the Service is kept");
+            assert_eq!(svc.session_affinity, SessionAffinity::ClientIp { timeout_s: used });
+            assert_eq!(
+                skips_of(&index, Kind::Service, &key("default", "web")),
+                vec![SkipReason::InvalidAffinityTimeout { timeout, used }]
+            );
+            assert_eq!(index.skipped_counts(), BTreeMap::from([("invalid_affinity_timeout", 1)]));
+        }
+        // An unknown mode: no affinity, with a reason; fixing it clears the reason.
+        let mut index = Index::new();
+        index.apply(with_affinity(Some("clientip"), Some(10)));
+        let svc = index.service(&key("default", "web")).expect("the Service is kept");
+        assert_eq!(svc.session_affinity, SessionAffinity::None);
+        assert_eq!(index.skipped_counts(), BTreeMap::from([("unsupported_session_affinity", 1)]));
+        index.apply(with_affinity(Some("ClientIP"), Some(10)));
+        assert!(index.skipped_counts().is_empty());
     }
 
     #[test]

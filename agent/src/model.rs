@@ -84,6 +84,29 @@ pub struct Service {
     /// `spec.internalTrafficPolicy: Local`: ClusterIP traffic goes to this node's endpoints
     /// only (see [`desired`](crate::desired)).
     pub internal_traffic_policy_local: bool,
+    /// `spec.sessionAffinity`, with its timeout already validated by the index.
+    pub session_affinity: SessionAffinity,
+}
+
+/// `spec.sessionAffinity`: whether new connections of one client IP stick to one backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SessionAffinity {
+    /// `None` (the default): every new connection picks a backend at random.
+    #[default]
+    None,
+    /// `ClientIP`: for `timeout_s` seconds (1..=86400) after a client's last new connection,
+    /// its next ones go to the same backend while it remains one.
+    ClientIp { timeout_s: u32 },
+}
+
+impl SessionAffinity {
+    /// The timeout of `ClientIP` affinity, `None` without affinity.
+    pub const fn timeout_s(self) -> Option<u32> {
+        match self {
+            SessionAffinity::None => None,
+            SessionAffinity::ClientIp { timeout_s } => Some(timeout_s),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

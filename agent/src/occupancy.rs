@@ -323,6 +323,7 @@ mod tests {
                     port_name: String::new(),
                     backends: backends.collect(),
                     draining: Vec::new(),
+                    session_affinity: crate::model::SessionAffinity::None,
                 };
                 (key, frontend)
             })

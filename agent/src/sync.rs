@@ -40,11 +40,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use nodeplane_common::maps::{
-    BackendV4, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue,
-    SlotKey,
+    BackendV4, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, SVC_F_AFFINITY, SVC_F_VIP_MARKER,
+    ServiceKeyV4, ServiceValue, SlotKey,
 };
 
-use crate::desired::{Desired, Frontend, describe};
+use crate::{
+    desired::{Desired, Frontend, describe},
+    model::SessionAffinity,
+};
 
 /// One write to the datapath maps. A plan is a `Vec<Op>` whose every prefix leaves the
 /// maps consistent: every `backend_count` of a service has its slots, every slot names an
@@ -134,8 +137,23 @@ pub struct SyncStats {
 }
 
 /// The value of every VIP marker entry.
-pub const VIP_MARKER_VALUE: ServiceValue =
-    ServiceValue { service_id: 0, backend_count: 0, flags: SVC_F_VIP_MARKER, _reserved: 0 };
+pub const VIP_MARKER_VALUE: ServiceValue = ServiceValue {
+    service_id: 0,
+    backend_count: 0,
+    flags: SVC_F_VIP_MARKER,
+    affinity_timeout_s: 0,
+};
+
+/// The `SERVICES_V4` value of frontend `id` with `count` slots: [`SVC_F_AFFINITY`] and the
+/// timeout for `sessionAffinity: ClientIP`. A change of affinity changes the value, so the
+/// plan rewrites the entry (and only it).
+pub fn service_value(id: u32, count: u32, affinity: SessionAffinity) -> ServiceValue {
+    let (flags, affinity_timeout_s) = match affinity.timeout_s() {
+        Some(t) => (SVC_F_AFFINITY, t),
+        None => (0, 0),
+    };
+    ServiceValue { service_id: id, backend_count: count, flags, affinity_timeout_s }
+}
 
 /// Plans and applies the service maps; see the module docs.
 #[derive(Debug, Default)]
@@ -573,7 +591,7 @@ impl Realized {
                 ops.push(Op::PutSlot { key, backend_id });
             }
         }
-        let value = ServiceValue { service_id: id, backend_count: count, flags: 0, _reserved: 0 };
+        let value = service_value(id, count, frontend.session_affinity);
         if self.services.get(&key) != Some(&value) {
             ops.push(Op::PutService { key, value });
         }
@@ -794,6 +812,13 @@ impl FakeMaps {
         if got != want {
             return Err(format!("frontends differ:\n got  {got:?}\n want {want:?}"));
         }
+        for (key, frontend) in &desired.frontends {
+            let value = self.services.get(key).map(|v| (v.flags, v.affinity_timeout_s));
+            let want = service_value(0, 0, frontend.session_affinity);
+            if value != Some((want.flags, want.affinity_timeout_s)) {
+                return Err(format!("frontend {key:?}: affinity {value:?}, want {want:?}"));
+            }
+        }
         let want_vips: BTreeSet<[u8; 4]> = want.keys().map(|k| k.addr).collect();
         let got_vips: BTreeSet<[u8; 4]> =
             self.services.keys().filter(|k| k.is_vip_marker()).map(|k| k.addr).collect();
@@ -911,6 +936,7 @@ mod tests {
                     port_name: String::new(),
                     backends,
                     draining: Vec::new(),
+                    session_affinity: SessionAffinity::None,
                 };
                 (fe(*vip, *port), frontend)
             })
@@ -981,9 +1007,51 @@ mod tests {
             ops[5],
             Op::PutService {
                 key: fe(1, 80),
-                value: ServiceValue { service_id: 1, backend_count: 2, flags: 0, _reserved: 0 }
+                value: ServiceValue {
+                    service_id: 1,
+                    backend_count: 2,
+                    flags: 0,
+                    affinity_timeout_s: 0
+                }
             }
         );
+    }
+
+    #[test]
+    fn session_affinity_is_written_into_the_service_entry_and_a_change_rewrites_only_it() {
+        let (mut syncer, mut maps) = (Syncer::new(), FakeMaps::new());
+        let mut d = desired(&[(1, 80, &[1, 2])]);
+        let with = |d: &mut Desired, affinity| {
+            for f in d.frontends.values_mut() {
+                f.session_affinity = affinity;
+            }
+        };
+        with(&mut d, SessionAffinity::ClientIp { timeout_s: 30 });
+        sync(&mut syncer, &mut maps, &d);
+        let value = ServiceValue {
+            service_id: 1,
+            backend_count: 2,
+            flags: SVC_F_AFFINITY,
+            affinity_timeout_s: 30,
+        };
+        assert_eq!(maps.services.get(&fe(1, 80)), Some(&value));
+
+        for (affinity, flags, timeout) in [
+            (SessionAffinity::ClientIp { timeout_s: 86_400 }, SVC_F_AFFINITY, 86_400),
+            (SessionAffinity::None, 0, 0),
+            (SessionAffinity::ClientIp { timeout_s: 1 }, SVC_F_AFFINITY, 1),
+        ] {
+            with(&mut d, affinity);
+            let value = ServiceValue { flags, affinity_timeout_s: timeout, ..value };
+            assert_eq!(
+                syncer.plan(&d),
+                [Op::PutService { key: fe(1, 80), value }],
+                "{affinity:?}: the entry alone is rewritten"
+            );
+            sync(&mut syncer, &mut maps, &d);
+            assert_eq!(maps.services.get(&fe(1, 80)), Some(&value));
+            assert!(syncer.plan(&d).is_empty());
+        }
     }
 
     #[test]
@@ -1217,7 +1285,7 @@ mod tests {
         maps.services.insert(marker, VIP_MARKER_VALUE);
         maps.services.insert(
             fe(1, 80),
-            ServiceValue { service_id: 1, backend_count: 1, flags: 0, _reserved: 0 },
+            ServiceValue { service_id: 1, backend_count: 1, flags: 0, affinity_timeout_s: 0 },
         );
         assert!(maps.check_consistent().is_err());
         maps.slots.insert(SlotKey { service_id: 1, slot: 0 }, 7);
@@ -1253,7 +1321,16 @@ mod tests {
                     draining.retain(|b| !backends.contains(b));
                     let key = ServiceKeyV4::new([10, 96, 0, vip + 1], port, proto);
                     let service = ObjectKey::namespaced("default", format!("svc{vip}"));
-                    (key, Frontend { service, port_name: String::new(), backends, draining })
+                    (
+                        key,
+                        Frontend {
+                            service,
+                            port_name: String::new(),
+                            backends,
+                            draining,
+                            session_affinity: SessionAffinity::None,
+                        },
+                    )
                 })
                 .collect();
             Desired { frontends, skipped: Vec::new() }

@@ -15,6 +15,12 @@ pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 16_384;
 /// Capacity of the conntrack LRU (two entries per flow: original and reply).
 pub const MAX_CT_ENTRIES: u32 = 524_288;
+/// Capacity of the session affinity LRU: (frontend, client IP) pairs remembered.
+pub const MAX_AFFINITY: u32 = 65_536;
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when absent (kube-proxy's default, 3 h).
+pub const AFFINITY_TIMEOUT_DEFAULT_S: u32 = 10_800;
+/// The largest timeout the API server accepts (1 day).
+pub const AFFINITY_TIMEOUT_MAX_S: u32 = 86_400;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -61,13 +67,50 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// `SVC_F_*` bits.
     pub flags: u32,
-    /// Reserved for later features (affinity timeout, traffic policy); written as 0.
-    pub _reserved: u32,
+    /// With [`SVC_F_AFFINITY`]: `sessionAffinityConfig.clientIP.timeoutSeconds`
+    /// (1..=[`AFFINITY_TIMEOUT_MAX_S`]). 0 otherwise. (Was `_reserved`, always written as 0,
+    /// so entries written before affinity existed keep their meaning.)
+    pub affinity_timeout_s: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 /// The entry is a VIP marker, not a frontend.
 pub const SVC_F_VIP_MARKER: u32 = 1;
+/// `sessionAffinity: ClientIP`: new flows from a client IP go to the backend its last flow
+/// went to, while that backend still sits in a slot and less than `affinity_timeout_s`
+/// passed since that flow ([`AffinityKeyV4`]).
+pub const SVC_F_AFFINITY: u32 = 2;
+
+/// Key of `AFFINITY_V4`: a client of a frontend with [`SVC_F_AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKeyV4 {
+    pub service_id: u32,
+    /// Client IP, network order.
+    pub client: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<AffinityKeyV4>() == 8);
+
+/// Value of `AFFINITY_V4`: where the client's last new flow to the frontend went, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValueV4 {
+    pub backend_id: u32,
+    /// The slot `backend_id` was found in: checked (with its two neighbours, see
+    /// `dataplane-ebpf/src/lb.rs`) before the affinity is honoured.
+    pub slot: u32,
+    /// `bpf_ktime_get_ns()` of the client's last new flow to the frontend.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValueV4>() == 16);
+
+/// Is an affinity last refreshed at `last_seen_ns` still valid at `now_ns` for a timeout of
+/// `timeout_s` seconds? (A clock that went backwards never happens with
+/// `bpf_ktime_get_ns`; it counts as valid.)
+#[inline(always)]
+pub const fn affinity_live(last_seen_ns: u64, now_ns: u64, timeout_s: u32) -> bool {
+    now_ns.saturating_sub(last_seen_ns) < timeout_s as u64 * 1_000_000_000
+}
 
 /// Key of `BACKEND_SLOTS`: slot `slot` of frontend `service_id`.
 #[repr(C)]
@@ -174,6 +217,8 @@ pub mod names {
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     /// Per-CPU array of two `u64`: flow events written, flow events lost (ring full).
     pub const FLOW_EVENT_COUNTERS: &str = "FLOW_EVENT_COUNTERS";
+    /// LRU of `(service id, client IP)` -> the backend of the client's last new flow.
+    pub const AFFINITY_V4: &str = "AFFINITY_V4";
     /// The tc program on the ingress of the host side of every pod veth (what pods send).
     pub const PROG_FROM_POD: &str = "from_pod";
     /// The tc program on the egress of the same interfaces (what is delivered to pods).
@@ -192,4 +237,22 @@ mod user {
     unsafe impl aya::Pod for CtKeyV4 {}
     unsafe impl aya::Pod for CtValueV4 {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for AffinityKeyV4 {}
+    unsafe impl aya::Pod for AffinityValueV4 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinity_lives_for_exactly_its_timeout() {
+        let s = 1_000_000_000;
+        assert!(affinity_live(10 * s, 10 * s, 1));
+        assert!(affinity_live(10 * s, 11 * s - 1, 1));
+        assert!(!affinity_live(10 * s, 11 * s, 1));
+        assert!(affinity_live(0, AFFINITY_TIMEOUT_MAX_S as u64 * s - 1, AFFINITY_TIMEOUT_MAX_S));
+        assert!(!affinity_live(0, 1, 0), "a zero timeout never holds");
+        assert!(affinity_live(5 * s, 4 * s, 1), "an earlier now is not expiry");
+    }
 }

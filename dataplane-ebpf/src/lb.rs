@@ -2,15 +2,30 @@
 //! services and endpoints (frontend -> slot -> backend). Split in two so policy can judge
 //! the translated flow in between: [`plan`] chooses the backend, [`commit`] records the
 //! flow and rewrites the packet.
+//!
+//! **Session affinity** (`SVC_F_AFFINITY`, `sessionAffinity: ClientIP`), new flows only: the
+//! client's `AFFINITY_V4` entry names the backend id and slot of its last new flow to the
+//! frontend. It is honoured when less than `affinity_timeout_s` passed since then and the
+//! backend id still sits in slot `s`, `s - 1` or `s + 1` (below `backend_count`): a slot
+//! says the backend is still a usable one of *this* frontend, which `BACKENDS_V4` does not
+//! (it also holds draining backends and those of other frontends). Slots are the sorted
+//! backends, so one backend leaving or joining before it shifts it by one; larger shifts
+//! cost the client its affinity (it gets a new backend, as when its backend left).
+//! Otherwise a random slot is chosen. [`commit`] records the choice with the time, so the
+//! timeout runs from the client's last new flow (kube-proxy's iptables `recent` match
+//! does the same); packets of established flows neither read nor refresh it.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use nodeplane_common::{
-    maps::{BackendV4, CtValueV4, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey},
+    maps::{
+        AffinityKeyV4, AffinityValueV4, BackendV4, CtValueV4, SVC_F_AFFINITY, SVC_F_VIP_MARKER,
+        ServiceKeyV4, ServiceValue, SlotKey, affinity_live,
+    },
     reason::Reason,
 };
 
 use crate::{
     ct,
-    maps::{BACKEND_SLOTS, BACKENDS_V4, SERVICES_V4},
+    maps::{AFFINITY_V4, BACKEND_SLOTS, BACKENDS_V4, SERVICES_V4},
     nat,
     parse::Packet,
 };
@@ -42,6 +57,10 @@ pub struct Forward {
     entry: *mut CtValueV4,
     service_id: u32,
     backend_id: u32,
+    /// The slot a new flow's backend was chosen from (0 when established).
+    slot: u32,
+    /// A new flow of a frontend with session affinity: commit records its choice.
+    affinity: bool,
 }
 
 /// A packet to a frontend: follow its conntrack entry while the backend lives, otherwise
@@ -64,6 +83,8 @@ pub fn plan(pkt: &Packet, svc: ServiceValue, now: u64) -> Result<Forward, Reason
                 entry,
                 service_id: svc.service_id,
                 backend_id: e.backend_id,
+                slot: 0,
+                affinity: false,
             });
         }
         // The backend is gone (or its id now names another endpoint): never send to a dead
@@ -71,13 +92,15 @@ pub fn plan(pkt: &Packet, svc: ServiceValue, now: u64) -> Result<Forward, Reason
         ct::forget_reply(pkt, e);
         reason = Reason::NatReselected;
     }
-    let (backend_id, backend) = select_backend(&svc)?;
+    let choice = select_backend(&svc, pkt, now)?;
     Ok(Forward {
-        backend,
+        backend: choice.backend,
         reason,
         entry: core::ptr::null_mut(),
         service_id: svc.service_id,
-        backend_id,
+        backend_id: choice.backend_id,
+        slot: choice.slot,
+        affinity: svc.flags & SVC_F_AFFINITY != 0,
     })
 }
 
@@ -86,6 +109,13 @@ pub fn plan(pkt: &Packet, svc: ServiceValue, now: u64) -> Result<Forward, Reason
 pub fn commit(ctx: &TcContext, pkt: &Packet, fwd: &Forward, now: u64) -> Result<Reason, Reason> {
     if fwd.entry.is_null() {
         ct::create(pkt, fwd.service_id, fwd.backend_id, &fwd.backend, now)?;
+        if fwd.affinity {
+            let key = AffinityKeyV4 { service_id: fwd.service_id, client: pkt.saddr };
+            let value =
+                AffinityValueV4 { backend_id: fwd.backend_id, slot: fwd.slot, last_seen_ns: now };
+            // A failed insert only costs the client its stickiness, never the packet.
+            let _ = AFFINITY_V4.insert(key, value, 0);
+        }
     } else {
         // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
         ct::refresh(unsafe { &mut *fwd.entry }, pkt, now);
@@ -103,11 +133,24 @@ fn backend_matches(id: u32, addr: [u8; 4], port: [u8; 2]) -> bool {
     }
 }
 
-/// Uniform random choice among `0..backend_count` slots, like kube-proxy's iptables mode.
+/// A backend for a new flow, and the slot it was found in.
+struct Choice {
+    backend_id: u32,
+    backend: BackendV4,
+    slot: u32,
+}
+
+/// The client's affinity if the frontend has one and it holds (module docs), otherwise a
+/// uniform random choice among `0..backend_count` slots, like kube-proxy's iptables mode.
 #[inline(always)]
-fn select_backend(svc: &ServiceValue) -> Result<(u32, BackendV4), Reason> {
+fn select_backend(svc: &ServiceValue, pkt: &Packet, now: u64) -> Result<Choice, Reason> {
     if svc.backend_count == 0 {
         return Err(Reason::DropNoBackends);
+    }
+    if svc.flags & SVC_F_AFFINITY != 0
+        && let Some(choice) = sticky(svc, pkt.saddr, now)
+    {
+        return Ok(choice);
     }
     // SAFETY: helper without preconditions.
     let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
@@ -115,5 +158,35 @@ fn select_backend(svc: &ServiceValue) -> Result<(u32, BackendV4), Reason> {
     // SAFETY: plain-data values copied out at once.
     let backend_id = *unsafe { BACKEND_SLOTS.get(key) }.ok_or(Reason::DropNoBackendEntry)?;
     let backend = *unsafe { BACKENDS_V4.get(backend_id) }.ok_or(Reason::DropNoBackendEntry)?;
-    Ok((backend_id, backend))
+    Ok(Choice { backend_id, backend, slot })
+}
+
+/// The backend `client`'s live affinity names, if it is still in one of the frontend's
+/// slots (the remembered one or a neighbour).
+#[inline(always)]
+fn sticky(svc: &ServiceValue, client: [u8; 4], now: u64) -> Option<Choice> {
+    let key = AffinityKeyV4 { service_id: svc.service_id, client };
+    // SAFETY: plain-data value copied out at once.
+    let a = *unsafe { AFFINITY_V4.get(key) }?;
+    if !affinity_live(a.last_seen_ns, now, svc.affinity_timeout_s) {
+        return None;
+    }
+    // Three candidates written out: no loop for the verifier to bound.
+    let slot = in_slot(svc, a.backend_id, a.slot)
+        .or_else(|| in_slot(svc, a.backend_id, a.slot.wrapping_sub(1)))
+        .or_else(|| in_slot(svc, a.backend_id, a.slot.wrapping_add(1)))?;
+    // SAFETY: plain-data value copied out at once.
+    let backend = *unsafe { BACKENDS_V4.get(a.backend_id) }?;
+    Some(Choice { backend_id: a.backend_id, backend, slot })
+}
+
+/// `Some(slot)` if slot `slot` of the frontend is valid and names `backend_id`.
+#[inline(always)]
+fn in_slot(svc: &ServiceValue, backend_id: u32, slot: u32) -> Option<u32> {
+    if slot >= svc.backend_count {
+        return None;
+    }
+    let key = SlotKey { service_id: svc.service_id, slot };
+    // SAFETY: plain-data value read once.
+    (*unsafe { BACKEND_SLOTS.get(key) }? == backend_id).then_some(slot)
 }

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use nodeplane_common::{
     maps::{
-        BackendV4, Counter, CtKeyV4, CtValueV4, MAX_BACKENDS, MAX_CT_ENTRIES, MAX_SERVICES,
-        MAX_SLOTS, ServiceKeyV4, ServiceValue, SlotKey,
+        AffinityKeyV4, AffinityValueV4, BackendV4, Counter, CtKeyV4, CtValueV4, MAX_AFFINITY,
+        MAX_BACKENDS, MAX_CT_ENTRIES, MAX_SERVICES, MAX_SLOTS, ServiceKeyV4, ServiceValue, SlotKey,
     },
     policy::{
         EndpointV4, FLOW_RING_BYTES, FragKeyV4, FragValueV4, IpcacheKeyV4, MAX_ENDPOINTS,
@@ -36,6 +36,14 @@ pub static BACKENDS_V4: HashMap<u32, BackendV4> = HashMap::with_max_entries(MAX_
 /// table evicts the oldest flow instead of refusing new ones. Written by the datapath.
 #[map]
 pub static CT_V4: LruHashMap<CtKeyV4, CtValueV4> = LruHashMap::with_max_entries(MAX_CT_ENTRIES, 0);
+
+/// Session affinity (`SVC_F_AFFINITY` frontends): `(service id, client IP)` -> the backend
+/// and slot of the client's last new flow, and when. Consulted and refreshed by new flows
+/// only; an LRU, so a full table forgets the least recently seen client. Written by the
+/// datapath.
+#[map]
+pub static AFFINITY_V4: LruHashMap<AffinityKeyV4, AffinityValueV4> =
+    LruHashMap::with_max_entries(MAX_AFFINITY, 0);
 
 /// Per-CPU packet and byte counters, one slot per (`Hook`, `Reason`) at `counter_index`
 /// (room for 4 hooks of 32 reasons). Read by the agent.

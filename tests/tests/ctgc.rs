@@ -351,6 +351,7 @@ fn desired(backends: &[usize], draining: &[usize]) -> Desired {
         port_name: "http".into(),
         backends: pick(backends),
         draining: pick(draining),
+        session_affinity: nodeplane_agent::model::SessionAffinity::None,
     };
     let key = ServiceKeyV4::new(VIP.octets(), HTTP, IPPROTO_TCP);
     Desired { frontends: [(key, frontend)].into(), skipped: Vec::new() }

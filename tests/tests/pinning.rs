@@ -36,7 +36,7 @@ fn ct_value(n: u8) -> CtValueV4 {
 
 fn service() -> (ServiceKeyV4, ServiceValue) {
     let key = ServiceKeyV4 { addr: [10, 96, 0, 10], port: [0, 80], proto: 6, _pad: 0 };
-    (key, ServiceValue { service_id: 7, backend_count: 0, flags: 0, _reserved: 0 })
+    (key, ServiceValue { service_id: 7, backend_count: 0, flags: 0, affinity_timeout_s: 0 })
 }
 
 fn open(pins: &PinDir, ct_size: u32) -> Datapath {
