@@ -58,7 +58,7 @@ pub struct SyncErrorLabel {
 }
 
 /// A datapath outcome: the program that counted it (`from_pod`, `to_pod`), its reason and
-/// whether it dropped the packet.
+/// what became of the packet (`Reason::verdict`: `pass`, `drop` or `reject`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerdictLabel {
     pub hook: String,
@@ -444,7 +444,7 @@ impl Metrics {
             let label = VerdictLabel {
                 hook: hook.name().into(),
                 reason: reason.name().into(),
-                verdict: if reason.is_drop() { "drop" } else { "pass" }.into(),
+                verdict: reason.verdict().into(),
             };
             let (packets, bytes) = seen.entry((hook, reason)).or_default();
             let grow = |now: u64, before: u64| if now >= before { now - before } else { now };

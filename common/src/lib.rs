@@ -2,7 +2,8 @@
 //!
 //! Everything in [`maps`] is part of the kernel ABI: `#[repr(C)]`, explicit padding,
 //! integers only, byte order visible in the field type. The pure logic that the datapath
-//! runs per packet but that the host can test ([`ct`], [`csum`]) lives here too.
+//! runs per packet but that the host can test ([`ct`], [`csum`], the answers of [`reject`])
+//! lives here too.
 //!
 //! Build with the `user` feature on the host to get `aya::Pod` impls.
 #![no_std]
@@ -12,3 +13,4 @@ pub mod ct;
 pub mod maps;
 pub mod policy;
 pub mod reason;
+pub mod reject;

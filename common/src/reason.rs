@@ -41,10 +41,16 @@ pub enum Reason {
     /// Dropped: a non-first fragment to or from an isolated pod whose first fragment was
     /// not seen (or not allowed): its ports, hence its verdict, are unknown.
     DropPolicyFragment = 16,
+    /// Answered: a TCP segment to a service with no usable endpoints, sent back to the pod
+    /// as a RST|ACK from the VIP (`from_pod` only; `reject.rs`).
+    RejectTcp = 17,
+    /// Answered: a UDP datagram to a service with no usable endpoints, sent back to the pod
+    /// as an ICMP port unreachable from the VIP.
+    RejectUdp = 18,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 19;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Self::PassNotIpv4,
@@ -64,14 +70,34 @@ impl Reason {
         Self::DropCtInsertFailed,
         Self::DropPolicy,
         Self::DropPolicyFragment,
+        Self::RejectTcp,
+        Self::RejectUdp,
     ];
 
     pub const fn from_index(i: u32) -> Option<Self> {
         if i < Self::COUNT { Some(Self::ALL[i as usize]) } else { None }
     }
 
+    /// The packet was dropped (`TC_ACT_SHOT`).
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= (Self::DropNoBackends as u32)
+        (self as u32) >= (Self::DropNoBackends as u32) && !self.is_reject()
+    }
+
+    /// The packet was turned into an answer and sent back to its sender (`TC_ACT_REDIRECT`).
+    pub const fn is_reject(self) -> bool {
+        matches!(self, Self::RejectTcp | Self::RejectUdp)
+    }
+
+    /// The label of what happened to the packet: `pass` (passed or translated), `drop` or
+    /// `reject`.
+    pub const fn verdict(self) -> &'static str {
+        if self.is_reject() {
+            "reject"
+        } else if self.is_drop() {
+            "drop"
+        } else {
+            "pass"
+        }
     }
 
     /// Stable, kebab-case name used in logs and metric labels.
@@ -94,6 +120,8 @@ impl Reason {
             Self::DropCtInsertFailed => "ct-insert-failed",
             Self::DropPolicy => "policy-denied",
             Self::DropPolicyFragment => "policy-fragment",
+            Self::RejectTcp => "reject-tcp",
+            Self::RejectUdp => "reject-udp",
         }
     }
 }
@@ -165,6 +193,13 @@ mod tests {
         assert_eq!(Reason::from_index(Reason::COUNT), None);
         assert!(!Reason::RevNat.is_drop());
         assert!(Reason::DropNoBackends.is_drop());
+        for r in [Reason::RejectTcp, Reason::RejectUdp] {
+            assert!(r.is_reject() && !r.is_drop(), "{r:?}");
+            assert_eq!(r.verdict(), "reject");
+        }
+        assert_eq!(Reason::DropPolicy.verdict(), "drop");
+        assert_eq!(Reason::NatNew.verdict(), "pass");
+        assert!(!Reason::DropNoBackends.is_reject());
     }
 
     #[test]

@@ -27,6 +27,10 @@
 //! client's veth on the way in. (A reply from a local backend pod is already
 //! reverse-translated by `from_pod` and passes `to_pod` untouched.)
 //!
+//! A frontend with no usable endpoints answers instead of dropping (`reject.rs`): a TCP
+//! segment becomes a RST|ACK, a UDP datagram an ICMP port unreachable, sent back out of the
+//! same interface to the pod (`TC_ACT_REDIRECT`).
+//!
 //! First fragments are judged by policy like any packet but never translated; protocols
 //! other than TCP and UDP are judged (with ports 0 unless SCTP) and never translated.
 //!
@@ -42,9 +46,10 @@ mod metrics;
 mod nat;
 mod parse;
 mod policy;
+mod reject;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
@@ -67,6 +72,10 @@ fn verdict(ctx: &TcContext, hook: Hook, outcome: Result<Reason, Reason>) -> i32 
         Ok(reason) | Err(reason) => reason,
     };
     metrics::count(hook, reason, ctx.len());
+    if reason.is_reject() {
+        // The answer was written over the packet and `bpf_redirect` was called (reject.rs).
+        return TC_ACT_REDIRECT;
+    }
     if reason.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
 }
 
@@ -84,7 +93,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<Reason, Reason> {
         && let Some(svc) = lb::lookup_service(&pkt)
     {
         let now = ct::now();
-        let fwd = lb::plan(&pkt, svc, now)?;
+        let fwd = match lb::plan(&pkt, svc, now) {
+            // No usable endpoints: answer as kube-proxy's REJECT does (reject.rs).
+            Err(Reason::DropNoBackends) => return reject::answer(ctx, &pkt),
+            other => other?,
+        };
         let (addr, port) = (fwd.backend.addr, fwd.backend.port);
         let flow = policy::Flow::translated(&pkt, ctx.len(), addr, port);
         policy::check(policy::Hook::FromPod, &flow, fwd.reason)?;

@@ -3,7 +3,7 @@
 //! uses on the pinned programs), panicking with context on a failed run.
 use nodeplane_agent::{datapath::Datapath, inspect::testrun};
 
-pub use testrun::{Outcome, TC_ACT_OK, TC_ACT_SHOT};
+pub use testrun::{Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 
 /// One run of the program on `frame` (repeat = 1: with repeat > 1 the kernel would run it
 /// again on the frame it already rewrote).

@@ -250,10 +250,11 @@ fn traffic_not_for_a_service_passes_untouched() {
     }
 }
 
+/// What is answered and how is tests/tests/reject.rs; a RST is never answered.
 #[test]
-fn a_service_without_endpoints_drops_and_counts_no_backends() {
+fn a_service_without_endpoints_drops_a_rst_and_counts_no_backends() {
     let mut dp = fixture();
-    let frame = Frame::tcp(CLIENT, (VIP, EMPTY_PORT), TCP_SYN).build();
+    let frame = Frame::tcp(CLIENT, (VIP, EMPTY_PORT), 0x04).build();
     expect(&mut dp, &frame, TC_ACT_SHOT, Reason::DropNoBackends);
 }
 

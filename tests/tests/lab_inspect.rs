@@ -241,10 +241,12 @@ fn trace_agrees_with_real_packets_and_the_other_views_name_what_they_show() {
     );
     assert_eq!(t["hops"][0]["reason"], "pass-not-service");
 
-    // A Service without backends: dropped by from_pod, said plainly.
+    // A Service without backends: rejected by from_pod (the client gets a RST), said plainly.
     let t =
         lab.agree("a Service with no backends", YB, SocketAddrV4::new(empty_ip, 80), Protocol::Tcp);
-    assert_eq!((&t["verdict"], &t["reason"]), (&"dropped".into(), &"no-backends".into()), "{t:#}");
+    assert_eq!((&t["verdict"], &t["reason"]), (&"rejected".into(), &"reject-tcp".into()), "{t:#}");
+    assert_eq!(t["hops"][0]["action"], "reject", "{t:#}");
+    assert_eq!(t["backend"], Value::Null, "{t:#}");
     assert_eq!(t["service"]["service"], "x/empty");
     assert!(t["summary"].as_str().unwrap().contains("no backends"), "{t:#}");
 
@@ -252,7 +254,7 @@ fn trace_agrees_with_real_packets_and_the_other_views_name_what_they_show() {
     let out = lab.inspect(&["trace", "--from", "y/b", "--to", &format!("{empty_ip}:80")]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("verdict:  DROPPED") && text.contains("no backends"),
+        out.status.success() && text.contains("verdict:  REJECTED") && text.contains("no backends"),
         "{text}"
     );
 
@@ -293,7 +295,7 @@ fn trace_agrees_with_real_packets_and_the_other_views_name_what_they_show() {
     assert!(
         text.starts_with("SERVICE")
             && text.contains("x/web")
-            && text.contains("(no backends: dropped)"),
+            && text.contains("(no backends: rejected)"),
         "{text}"
     );
 

@@ -38,7 +38,8 @@ pub struct FrontendReport {
     pub service: Option<String>,
     pub port_name: Option<String>,
     pub service_id: u32,
-    /// Slots in use (`backend_count`); 0: packets to it are dropped (`no-backends`).
+    /// Slots in use (`backend_count`); 0: packets to it are answered with a TCP RST or an
+    /// ICMP port unreachable (`reject-tcp`, `reject-udp`; a TCP RST is dropped: `no-backends`).
     pub slots: u32,
     pub backends: Vec<BackendReport>,
     /// Live flows (ORIGINAL conntrack entries) of this frontend.
@@ -164,7 +165,7 @@ pub fn table(r: &ServicesReport) -> String {
         ];
         if f.backends.is_empty() {
             let mut row = frontend.clone();
-            row.extend(["(no backends: dropped)".into(), String::new(), "0".into(), "-".into()]);
+            row.extend(["(no backends: rejected)".into(), String::new(), "0".into(), "-".into()]);
             row.push(f.flows.to_string());
             t.row(row);
         }

@@ -6,6 +6,8 @@ use aya::programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions}
 /// tc actions the programs return.
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
+/// `bpf_redirect` was called: `from_pod` sends a rejected packet's answer back to the pod.
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// Offset of `ingress_ifindex` in `struct __sk_buff` (include/uapi/linux/bpf.h): after
 /// `len`, `pkt_type`, `mark`, `queue_mapping`, `protocol`, `vlan_present`, `vlan_tci`,
@@ -19,7 +21,7 @@ pub const SKB_CTX_LEN: usize = 44;
 /// What one run returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
-    /// The tc action ([`TC_ACT_OK`], [`TC_ACT_SHOT`]).
+    /// The tc action ([`TC_ACT_OK`], [`TC_ACT_SHOT`], [`TC_ACT_REDIRECT`]).
     pub action: u32,
     /// The frame as the program left it.
     pub frame: Vec<u8>,

@@ -42,7 +42,7 @@ use super::{
     pinned::{InspectError, PinnedMaps, PinnedPrograms, Pins},
     proto_name,
     table::Table,
-    testrun::{self, TC_ACT_SHOT},
+    testrun::{self, TC_ACT_REDIRECT, TC_ACT_SHOT},
 };
 use crate::policy::compute::{Direction, PolicyLookup, Verdict};
 
@@ -321,19 +321,21 @@ pub fn trace(
         let ifindex = ifindex_of(&source);
         let (out, kernel_reason) =
             run_hop(maps, &progs.from_pod, names::PROG_FROM_POD, &current, ifindex, cpu)?;
-        if let Some(t) = Tuple::parse(&out.frame) {
+        // A rejected packet comes back as the answer to the client: not a translation.
+        let rejected = out.action == TC_ACT_REDIRECT;
+        if let Some(t) = Tuple::parse(&out.frame).filter(|_| !rejected) {
             after = t;
         }
         let check = explain.check(Direction::Egress, src, after.dst, req.proto);
         let no_backends = service.as_ref().is_some_and(|s| s.slots == 0);
         let expected_ok = !(no_backends || check.verdict == "deny");
         let dropped = out.action == TC_ACT_SHOT;
-        // With no backends the packet is dropped before policy is asked.
+        // With no backends the packet is answered (reject-tcp/udp) before policy is asked.
         if !no_backends {
             policy.push(check);
         }
         let inferred = if no_backends {
-            Reason::DropNoBackends
+            if req.proto == IPPROTO_TCP { Reason::RejectTcp } else { Reason::RejectUdp }
         } else if dropped {
             Reason::DropPolicy
         } else if after.dst != req.to {
@@ -341,7 +343,7 @@ pub fn trace(
         } else {
             Reason::PassNotService
         };
-        agrees &= dropped != expected_ok;
+        agrees &= if no_backends { rejected } else { !rejected && dropped != expected_ok };
         hops.push(hop(names::PROG_FROM_POD, &source, ifindex, &out, kernel_reason, inferred));
         current = out.frame;
     }
@@ -390,6 +392,7 @@ pub fn trace(
     let backend = (after.dst != req.to).then_some(after.dst);
     let verdict = match hops.last() {
         Some(h) if h.action == "drop" => "dropped",
+        Some(h) if h.action == "reject" => "rejected",
         Some(h) if h.program == names::PROG_TO_POD => "delivered",
         _ if dest_local => "delivered",
         _ => "forwarded",
@@ -447,7 +450,11 @@ fn hop(
         program,
         interface: at.interface.clone(),
         ingress_ifindex: ifindex,
-        action: if out.action == TC_ACT_SHOT { "drop" } else { "pass" },
+        action: match out.action {
+            TC_ACT_SHOT => "drop",
+            TC_ACT_REDIRECT => "reject",
+            _ => "pass",
+        },
         reason: Some(reason.name().to_string()),
         reason_from,
         out_src: t.map(|t| t.src),
@@ -467,6 +474,24 @@ pub fn summary(r: &TraceReport) -> String {
     let pod = |p: &Option<String>, ip: Ipv4Addr| p.clone().unwrap_or_else(|| ip.to_string());
     let deny = r.policy.iter().find(|c| c.verdict == "deny");
     match (r.verdict, r.reason.as_deref()) {
+        ("rejected", Some(reason)) => {
+            let answer = if reason == Reason::RejectTcp.name() {
+                "a TCP reset"
+            } else {
+                "an ICMP port unreachable"
+            };
+            match &r.service {
+                Some(s) => format!(
+                    "rejected by from_pod: no backends: {} ({}:{}/{}) has no usable endpoints; \
+                     the client gets {answer} from the ClusterIP",
+                    svc(s),
+                    s.vip,
+                    s.port,
+                    s.protocol
+                ),
+                None => format!("rejected by from_pod: no backends; the client gets {answer}"),
+            }
+        }
         ("dropped", Some("no-backends")) => match &r.service {
             Some(s) => format!(
                 "dropped by from_pod: no backends: {} ({}:{}/{}) has no usable endpoints",
@@ -989,6 +1014,11 @@ mod tests {
         empty.reason = Some("no-backends".into());
         empty.policy.clear();
         assert!(summary(&empty).starts_with("dropped by from_pod: no backends: x/web port tcp-80"));
+        empty.verdict = "rejected";
+        empty.reason = Some("reject-tcp".into());
+        let s = summary(&empty);
+        assert!(s.starts_with("rejected by from_pod: no backends: x/web port tcp-80"), "{s}");
+        assert!(s.ends_with("the client gets a TCP reset from the ClusterIP"), "{s}");
         let mut nothing = report();
         nothing.verdict = "forwarded";
         nothing.service = None;
