@@ -773,6 +773,7 @@ mod tests {
             backends,
             draining: Vec::new(),
             session_affinity: crate::model::SessionAffinity::None,
+            no_local_endpoints: false,
         }
     }
 

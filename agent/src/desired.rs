@@ -30,10 +30,11 @@
 //!    connections stay on them until they close or the endpoint leaves the slices
 //!    (docs/ARCHITECTURE.md, "Established flows and removed backends"). UDP and other
 //!    protocols have none: their flows follow the slots.
-//! 6. A frontend without usable backends is kept with an empty list: the datapath then drops
-//!    and counts its traffic (`no-backends`) rather than letting it leak to the routing
-//!    table. For `Local` with no endpoint on this node this is kube-proxy's behaviour too:
-//!    the traffic is dropped, never sent to another node.
+//! 6. A frontend without usable backends is kept with an empty list: the datapath then
+//!    rejects new flows (TCP RST, ICMP port unreachable) as kube-proxy's REJECT does, rather
+//!    than letting them leak to the routing table. For `Local` with no endpoint on this node
+//!    while other nodes have some ([`Frontend::no_local_endpoints`]), kube-proxy drops
+//!    instead, and so does the datapath: the traffic is never sent to another node.
 //! 7. A Service with a frontend of more than [`MAX_BACKENDS_PER_SERVICE`] backends is left
 //!    out entirely and listed in [`Desired::skipped`].
 //! 8. `sessionAffinity: ClientIP` applies to every frontend of the Service, each on its own
@@ -79,6 +80,10 @@ pub struct Frontend {
     pub draining: Vec<BackendV4>,
     /// The Service's `sessionAffinity` (rule 8), written into the frontend's entry.
     pub session_affinity: SessionAffinity,
+    /// `internalTrafficPolicy: Local`, no usable endpoint on this node, and some on other
+    /// nodes: the datapath drops new flows (kube-proxy's DROP) instead of rejecting them
+    /// as it does for a Service without any endpoint.
+    pub no_local_endpoints: bool,
 }
 
 /// Where the agent runs: what the node-aware rules need to know.
@@ -270,6 +275,9 @@ fn service_frontends(
             false
         });
         draining.retain(|b| !vips.contains_key(&Ipv4Addr::from(b.addr)));
+        let no_local_endpoints = backends.is_empty()
+            && matches!(scope, Scope::Node(_))
+            && !backends_for(index, service, port, Scope::Cluster).0.is_empty();
         if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
             return Err(format!(
                 "port {} has {} backends, more than the datapath's {MAX_BACKENDS_PER_SERVICE}",
@@ -284,6 +292,7 @@ fn service_frontends(
                 backends: backends.clone(),
                 draining: draining.clone(),
                 session_affinity: service.session_affinity,
+                no_local_endpoints,
             };
             out.push((key, frontend));
         }
@@ -797,12 +806,19 @@ mod tests {
 
     #[test]
     fn local_policy_without_local_endpoints_drops() {
-        // The frontend stays, with no backends: the datapath drops and counts (no-backends)
-        // instead of sending the traffic to another node, as kube-proxy does.
+        // The frontend stays, with no backends and the drop flag: the datapath drops and
+        // counts (no-backends) instead of sending the traffic to another node or
+        // rejecting it, as kube-proxy does.
         let d = compute_local(&spread(), Some("n3"), &["web"]);
         assert_eq!(d.frontends.len(), 1);
         assert!(backends_of(&d, tcp(80)).is_empty());
         assert!(d.skipped.is_empty(), "not a skip: {:?}", d.skipped);
+        assert!(d.frontends.values().all(|f| f.no_local_endpoints), "drop, not reject");
+        // With local endpoints, or under Cluster, nothing is dropped for that reason.
+        let here = compute_local(&spread(), Some("n1"), &["web"]);
+        assert!(here.frontends.values().all(|f| !f.no_local_endpoints && !f.backends.is_empty()));
+        let cluster = compute_local(&spread(), Some("n3"), &[]);
+        assert!(cluster.frontends.values().all(|f| !f.no_local_endpoints));
     }
 
     #[test]

@@ -324,6 +324,7 @@ mod tests {
                     backends: backends.collect(),
                     draining: Vec::new(),
                     session_affinity: crate::model::SessionAffinity::None,
+                    no_local_endpoints: false,
                 };
                 (key, frontend)
             })

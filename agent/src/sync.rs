@@ -40,8 +40,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use nodeplane_common::maps::{
-    BackendV4, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, SVC_F_AFFINITY, SVC_F_VIP_MARKER,
-    ServiceKeyV4, ServiceValue, SlotKey,
+    BackendV4, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, SVC_F_AFFINITY, SVC_F_DROP_EMPTY,
+    SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey,
 };
 
 use crate::{
@@ -147,11 +147,19 @@ pub const VIP_MARKER_VALUE: ServiceValue = ServiceValue {
 /// The `SERVICES_V4` value of frontend `id` with `count` slots: [`SVC_F_AFFINITY`] and the
 /// timeout for `sessionAffinity: ClientIP`. A change of affinity changes the value, so the
 /// plan rewrites the entry (and only it).
-pub fn service_value(id: u32, count: u32, affinity: SessionAffinity) -> ServiceValue {
-    let (flags, affinity_timeout_s) = match affinity.timeout_s() {
+pub fn service_value(
+    id: u32,
+    count: u32,
+    affinity: SessionAffinity,
+    no_local_endpoints: bool,
+) -> ServiceValue {
+    let (mut flags, affinity_timeout_s) = match affinity.timeout_s() {
         Some(t) => (SVC_F_AFFINITY, t),
         None => (0, 0),
     };
+    if no_local_endpoints {
+        flags |= SVC_F_DROP_EMPTY;
+    }
     ServiceValue { service_id: id, backend_count: count, flags, affinity_timeout_s }
 }
 
@@ -591,7 +599,8 @@ impl Realized {
                 ops.push(Op::PutSlot { key, backend_id });
             }
         }
-        let value = service_value(id, count, frontend.session_affinity);
+        let value =
+            service_value(id, count, frontend.session_affinity, frontend.no_local_endpoints);
         if self.services.get(&key) != Some(&value) {
             ops.push(Op::PutService { key, value });
         }
@@ -814,7 +823,7 @@ impl FakeMaps {
         }
         for (key, frontend) in &desired.frontends {
             let value = self.services.get(key).map(|v| (v.flags, v.affinity_timeout_s));
-            let want = service_value(0, 0, frontend.session_affinity);
+            let want = service_value(0, 0, frontend.session_affinity, frontend.no_local_endpoints);
             if value != Some((want.flags, want.affinity_timeout_s)) {
                 return Err(format!("frontend {key:?}: affinity {value:?}, want {want:?}"));
             }
@@ -937,6 +946,7 @@ mod tests {
                     backends,
                     draining: Vec::new(),
                     session_affinity: SessionAffinity::None,
+                    no_local_endpoints: false,
                 };
                 (fe(*vip, *port), frontend)
             })
@@ -1329,6 +1339,7 @@ mod tests {
                             backends,
                             draining,
                             session_affinity: SessionAffinity::None,
+                            no_local_endpoints: false,
                         },
                     )
                 })

@@ -80,6 +80,10 @@ pub const SVC_F_VIP_MARKER: u32 = 1;
 /// went to, while that backend still sits in a slot and less than `affinity_timeout_s`
 /// passed since that flow ([`AffinityKeyV4`]).
 pub const SVC_F_AFFINITY: u32 = 2;
+/// `internalTrafficPolicy: Local` with no endpoint on this node while other nodes have
+/// some: new flows are dropped (kube-proxy's DROP), not rejected as for a Service without
+/// any endpoint.
+pub const SVC_F_DROP_EMPTY: u32 = 4;
 
 /// Key of `AFFINITY_V4`: a client of a frontend with [`SVC_F_AFFINITY`].
 #[repr(C)]

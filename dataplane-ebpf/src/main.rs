@@ -53,7 +53,10 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use nodeplane_common::reason::{Hook, Reason};
+use nodeplane_common::{
+    maps::SVC_F_DROP_EMPTY,
+    reason::{Hook, Reason},
+};
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -94,8 +97,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<Reason, Reason> {
     {
         let now = ct::now();
         let fwd = match lb::plan(&pkt, svc, now) {
-            // No usable endpoints: answer as kube-proxy's REJECT does (reject.rs).
-            Err(Reason::DropNoBackends) => return reject::answer(ctx, &pkt),
+            // No usable endpoints: answer as kube-proxy's REJECT does (reject.rs), unless
+            // only this node has none under a Local traffic policy (kube-proxy drops).
+            Err(Reason::DropNoBackends) if svc.flags & SVC_F_DROP_EMPTY == 0 => {
+                return reject::answer(ctx, &pkt);
+            }
             other => other?,
         };
         let (addr, port) = (fwd.backend.addr, fwd.backend.port);

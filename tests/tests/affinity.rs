@@ -50,7 +50,7 @@ fn frontend(dp: &mut Datapath, id: u32, port: u16, backends: &[usize], affinity:
         let key = SlotKey { service_id: id, slot: slot as u32 };
         write(dp, Op::PutSlot { key, backend_id: backend(*i).0 });
     }
-    let value = service_value(id, backends.len() as u32, affinity);
+    let value = service_value(id, backends.len() as u32, affinity, false);
     write(dp, Op::PutService { key: ServiceKeyV4::new(VIP.octets(), port, IPPROTO_TCP), value });
     for slot in backends.len()..BACKENDS.len() {
         let key = SlotKey { service_id: id, slot: slot as u32 };

@@ -352,6 +352,7 @@ fn desired(backends: &[usize], draining: &[usize]) -> Desired {
         backends: pick(backends),
         draining: pick(draining),
         session_affinity: nodeplane_agent::model::SessionAffinity::None,
+        no_local_endpoints: false,
     };
     let key = ServiceKeyV4::new(VIP.octets(), HTTP, IPPROTO_TCP);
     Desired { frontends: [(key, frontend)].into(), skipped: Vec::new() }

@@ -11,8 +11,8 @@ use nodeplane_agent::{
 use nodeplane_common::{
     csum,
     maps::{
-        BackendV4, IPPROTO_TCP, IPPROTO_UDP, SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey,
-        names,
+        BackendV4, IPPROTO_TCP, IPPROTO_UDP, SVC_F_DROP_EMPTY, SVC_F_VIP_MARKER, ServiceKeyV4,
+        ServiceValue, SlotKey, names,
     },
     reason::{Hook, Reason},
 };
@@ -162,6 +162,26 @@ fn any_later_segment_is_reset_too_with_the_rfc_793_numbers() {
     let big = Frame { payload: vec![0xab; 1400], ..Frame::tcp(CLIENT, (VIP, TCP_EMPTY), TCP_ACK) };
     let out = expect(&dp, &with_ack(big.build(), 1), TC_ACT_REDIRECT, Reason::RejectTcp);
     assert_rst(&out.frame, TCP_EMPTY, 1, FRAME_SEQ + 1400);
+}
+
+/// `internalTrafficPolicy: Local` with no endpoint on this node (other nodes have some):
+/// kube-proxy drops, so the datapath does too, for TCP and UDP alike.
+#[test]
+fn a_local_frontend_without_local_endpoints_drops_instead_of_rejecting() {
+    let mut dp = fixture();
+    for (port, proto) in [(TCP_EMPTY, IPPROTO_TCP), (UDP_EMPTY, IPPROTO_UDP)] {
+        let value = ServiceValue {
+            service_id: port.into(),
+            backend_count: 0,
+            flags: SVC_F_DROP_EMPTY,
+            ..Default::default()
+        };
+        write(&mut dp, Op::PutService { key: ServiceKeyV4::new(VIP.octets(), port, proto), value });
+    }
+    let syn = Frame::tcp(CLIENT, (VIP, TCP_EMPTY), TCP_SYN).build();
+    expect(&dp, &syn, TC_ACT_SHOT, Reason::DropNoBackends);
+    let udp = Frame { payload: b"q".to_vec(), ..Frame::udp(CLIENT, (VIP, UDP_EMPTY)) }.build();
+    expect(&dp, &udp, TC_ACT_SHOT, Reason::DropNoBackends);
 }
 
 #[test]
