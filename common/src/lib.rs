@@ -2,7 +2,8 @@
 //!
 //! Everything in [`maps`] is part of the kernel ABI: `#[repr(C)]`, explicit padding,
 //! integers only, byte order visible in the field type. The pure logic that the datapath
-//! runs per packet but that the host can test ([`ct`], [`csum`], the answers of [`reject`])
+//! runs per packet but that the host can test ([`ct`], [`csum`], the answers of [`reject`], the
+//! ICMP error rewrite of [`icmp`])
 //! lives here too.
 //!
 //! Build with the `user` feature on the host to get `aya::Pod` impls.
@@ -10,6 +11,7 @@
 
 pub mod csum;
 pub mod ct;
+pub mod icmp;
 pub mod maps;
 pub mod policy;
 pub mod reason;

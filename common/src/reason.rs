@@ -47,10 +47,13 @@ pub enum Reason {
     /// Answered: a UDP datagram to a service with no usable endpoints, sent back to the pod
     /// as an ICMP port unreachable from the VIP.
     RejectUdp = 18,
+    /// Translated: an ICMP error (destination unreachable, time exceeded) quoting a DNATed
+    /// packet of a service flow, its quote rewritten back to the VIP (`to_pod`; `icmp.rs`).
+    IcmpRevNat = 19,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Self::PassNotIpv4,
@@ -72,6 +75,7 @@ impl Reason {
         Self::DropPolicyFragment,
         Self::RejectTcp,
         Self::RejectUdp,
+        Self::IcmpRevNat,
     ];
 
     pub const fn from_index(i: u32) -> Option<Self> {
@@ -80,7 +84,19 @@ impl Reason {
 
     /// The packet was dropped (`TC_ACT_SHOT`).
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= (Self::DropNoBackends as u32) && !self.is_reject()
+        matches!(
+            self,
+            Self::DropNoBackends
+                | Self::DropMalformedIp
+                | Self::DropMalformedL4
+                | Self::DropFragment
+                | Self::DropUnsupportedProto
+                | Self::DropNoBackendEntry
+                | Self::DropRewriteFailed
+                | Self::DropCtInsertFailed
+                | Self::DropPolicy
+                | Self::DropPolicyFragment
+        )
     }
 
     /// The packet was turned into an answer and sent back to its sender (`TC_ACT_REDIRECT`).
@@ -122,6 +138,7 @@ impl Reason {
             Self::DropPolicyFragment => "policy-fragment",
             Self::RejectTcp => "reject-tcp",
             Self::RejectUdp => "reject-udp",
+            Self::IcmpRevNat => "icmp-rev-nat",
         }
     }
 }
@@ -192,6 +209,7 @@ mod tests {
         }
         assert_eq!(Reason::from_index(Reason::COUNT), None);
         assert!(!Reason::RevNat.is_drop());
+        assert!(!Reason::IcmpRevNat.is_drop() && !Reason::IcmpRevNat.is_reject());
         assert!(Reason::DropNoBackends.is_drop());
         for r in [Reason::RejectTcp, Reason::RejectUdp] {
             assert!(r.is_reject() && !r.is_drop(), "{r:?}");
