@@ -60,8 +60,8 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError};
 use nodeplane_common::{
     maps::{
-        BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKeyV4, CtValueV4, IPPROTO_TCP, ServiceKeyV4,
-        ServiceValue, SlotKey, names,
+        BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_HAIRPIN, CtKeyV4, CtValueV4, IPPROTO_TCP,
+        ServiceKeyV4, ServiceValue, SlotKey, names,
     },
     policy::{PolicyCtKey, PolicyCtValue},
 };
@@ -170,10 +170,12 @@ pub fn programmed_pairs(
 }
 
 /// The ORIGINAL key of the flow a REPLY entry (`backend -> client`, value: the VIP)
-/// belongs to.
+/// belongs to. A hairpin flow's REPLY entry (`CT_F_HAIRPIN`) is keyed
+/// `backend -> HAIRPIN_ADDR_V4`: its client is the backend itself.
 pub fn original_of_reply(key: &CtKeyV4, value: &CtValueV4) -> CtKeyV4 {
+    let hairpin = value.flags & CT_F_HAIRPIN != 0;
     CtKeyV4 {
-        saddr: key.daddr,
+        saddr: if hairpin { key.saddr } else { key.daddr },
         daddr: value.nat_addr,
         sport: key.dport,
         dport: value.nat_port,
@@ -762,6 +764,17 @@ mod tests {
         assert_eq!(pair.frontend, ServiceKeyV4::new(VIP, 53, IPPROTO_UDP));
         assert_eq!((pair.service_id, pair.backend_id), (2, 7));
         assert_eq!((pair.addr, pair.port), ([10, 244, 0, 11], 5353u16.to_be_bytes()));
+        assert_eq!(original_of_reply(&rk, &rv), ok);
+    }
+
+    #[test]
+    fn a_hairpin_reply_finds_its_original_from_its_source() {
+        // The pod is its own backend: ORIGINAL pod -> VIP, REPLY pod -> HAIRPIN_ADDR_V4.
+        let pod = [10, 244, 0, 11];
+        let [(ok, _), (rk, rv)] = flow(40000, IPPROTO_TCP, (2, 7), be(11, IPPROTO_TCP), 5);
+        let ok = CtKeyV4 { saddr: pod, ..ok };
+        let rk = CtKeyV4 { daddr: nodeplane_common::maps::HAIRPIN_ADDR_V4, ..rk };
+        let rv = CtValueV4 { flags: CT_F_HAIRPIN, ..rv };
         assert_eq!(original_of_reply(&rk, &rv), ok);
     }
 

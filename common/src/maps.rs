@@ -192,6 +192,17 @@ pub struct CtValueV4 {
 }
 const _: () = assert!(core::mem::size_of::<CtValueV4>() == 32);
 
+/// `CtValueV4::flags`: a hairpin flow, whose client is also its backend (a pod reaching
+/// itself through its own Service). Its packets are DNATed to the pod *and* SNATed to
+/// [`HAIRPIN_ADDR_V4`], so the reply (`pod -> HAIRPIN_ADDR_V4`) leaves the pod and crosses
+/// `from_pod` again; its REPLY entry is keyed `backend:bport -> HAIRPIN_ADDR_V4:cport`.
+pub const CT_F_HAIRPIN: u8 = 1;
+
+/// The source address a hairpin flow's packets are SNATed to (Cilium's "loopback" address
+/// idea): link-local, never assigned to a pod, a node or a Service by the lab or a cluster.
+/// The pod sees `HAIRPIN_ADDR_V4:cport -> pod:bport` and answers it through its veth.
+pub const HAIRPIN_ADDR_V4: [u8; 4] = [169, 254, 42, 1];
+
 /// Value of the per-CPU `COUNTERS` array, one slot per (hook, reason) at
 /// [`crate::reason::counter_index`]. Also the value of `POLICY_COUNTERS`.
 #[repr(C)]

@@ -5,10 +5,17 @@
 //! - REPLY, keyed by the backend's packet `backend:bport -> client:cport`, holding the VIP
 //!   to rewrite the source to. It is trusted only while its ORIGINAL entry is alive and
 //!   still points at this backend, so a stale REPLY entry can never translate a packet.
+//!
+//! A hairpin flow (the client is its own backend) carries `CT_F_HAIRPIN` on both entries;
+//! its packets are also SNATed to `HAIRPIN_ADDR_V4`, so its REPLY entry is keyed by
+//! `backend:bport -> HAIRPIN_ADDR_V4:cport` and its reply gets both addresses back.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use nodeplane_common::{
     ct::{TcpState, lifetime_ns, tcp_next},
-    maps::{BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKeyV4, CtValueV4, IPPROTO_TCP},
+    maps::{
+        BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_HAIRPIN, CtKeyV4, CtValueV4,
+        HAIRPIN_ADDR_V4, IPPROTO_TCP,
+    },
     policy::PolicyCtKey,
     reason::Reason,
 };
@@ -48,6 +55,9 @@ pub fn lookup_original(pkt: &Packet, service_id: u32, now: u64) -> Option<*mut C
 pub struct RevNat {
     pub vip: [u8; 4],
     pub vport: [u8; 2],
+    /// A hairpin flow's reply (`pod -> HAIRPIN_ADDR_V4`): its destination goes back to
+    /// the pod (the client) too.
+    pub hairpin: bool,
     /// The flow's live ORIGINAL entry, refreshed by [`RevNat::refresh`] once the reply is
     /// let through.
     original: *mut CtValueV4,
@@ -69,8 +79,11 @@ pub fn lookup_reply(pkt: &Packet) -> Option<RevNat> {
     let key = CtKeyV4 { dir: CT_DIR_REPLY, ..original_key(pkt) };
     // SAFETY: plain-data value copied out at once.
     let reply = *unsafe { CT_V4.get(key) }?;
+    let hairpin = reply.flags & CT_F_HAIRPIN != 0;
+    // A hairpin reply is addressed to HAIRPIN_ADDR_V4; its client is the pod sending it.
+    let client = if hairpin { pkt.saddr } else { pkt.daddr };
     let okey = CtKeyV4 {
-        saddr: pkt.daddr,
+        saddr: client,
         daddr: reply.nat_addr,
         sport: pkt.dport,
         dport: reply.nat_port,
@@ -84,7 +97,7 @@ pub fn lookup_reply(pkt: &Packet) -> Option<RevNat> {
     if o.expires_ns <= now() || o.nat_addr != pkt.saddr || o.nat_port != pkt.sport {
         return None;
     }
-    Some(RevNat { vip: reply.nat_addr, vport: reply.nat_port, original })
+    Some(RevNat { vip: reply.nat_addr, vport: reply.nat_port, hairpin, original })
 }
 
 /// For a reply that `from_pod` already reverse-translated (`vip:vport -> client:cport`, from
@@ -125,13 +138,15 @@ pub fn refresh(entry: &mut CtValueV4, pkt: &Packet, now: u64) {
     (entry.state, entry.expires_ns) = advance(pkt.proto, entry.state, pkt.tcp_flags, now);
 }
 
-/// Records a new flow `pkt` -> `backend`: the ORIGINAL and the REPLY entry.
+/// Records a new flow `pkt` -> `backend`: the ORIGINAL and the REPLY entry. `hairpin`: the
+/// backend is the client itself (module docs).
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
     service_id: u32,
     backend_id: u32,
     backend: &BackendV4,
+    hairpin: bool,
     now: u64,
 ) -> Result<(), Reason> {
     let (state, expires_ns) = advance(pkt.proto, TcpState::None as u8, pkt.tcp_flags, now);
@@ -139,7 +154,7 @@ pub fn create(
         nat_addr: backend.addr,
         nat_port: backend.port,
         state,
-        flags: 0,
+        flags: if hairpin { CT_F_HAIRPIN } else { 0 },
         service_id,
         backend_id,
         expires_ns,
@@ -148,7 +163,7 @@ pub fn create(
     };
     let reply_key = CtKeyV4 {
         saddr: backend.addr,
-        daddr: pkt.saddr,
+        daddr: if hairpin { HAIRPIN_ADDR_V4 } else { pkt.saddr },
         sport: backend.port,
         dport: pkt.sport,
         proto: pkt.proto,
@@ -164,9 +179,10 @@ pub fn create(
 /// Drops the REPLY entry of a flow whose backend is being replaced.
 #[inline(always)]
 pub fn forget_reply(pkt: &Packet, original: &CtValueV4) {
+    let hairpin = original.flags & CT_F_HAIRPIN != 0;
     let key = CtKeyV4 {
         saddr: original.nat_addr,
-        daddr: pkt.saddr,
+        daddr: if hairpin { HAIRPIN_ADDR_V4 } else { pkt.saddr },
         sport: original.nat_port,
         dport: pkt.sport,
         proto: pkt.proto,

@@ -104,11 +104,22 @@ pub fn plan(pkt: &Packet, svc: ServiceValue, now: u64) -> Result<Forward, Reason
     })
 }
 
-/// Carries out `fwd`: refresh or record the flow in conntrack, then DNAT.
+impl Forward {
+    /// The client is its own backend: the flow is also SNATed to `HAIRPIN_ADDR_V4`
+    /// (`nat::hairpin_snat`) and recorded with `CT_F_HAIRPIN`.
+    #[inline(always)]
+    pub fn is_hairpin(&self, pkt: &Packet) -> bool {
+        self.backend.addr == pkt.saddr
+    }
+}
+
+/// Carries out `fwd`: refresh or record the flow in conntrack, then DNAT (and the hairpin
+/// SNAT when the client is its own backend).
 #[inline(always)]
 pub fn commit(ctx: &TcContext, pkt: &Packet, fwd: &Forward, now: u64) -> Result<Reason, Reason> {
+    let hairpin = fwd.is_hairpin(pkt);
     if fwd.entry.is_null() {
-        ct::create(pkt, fwd.service_id, fwd.backend_id, &fwd.backend, now)?;
+        ct::create(pkt, fwd.service_id, fwd.backend_id, &fwd.backend, hairpin, now)?;
         if fwd.affinity {
             let key = AffinityKeyV4 { service_id: fwd.service_id, client: pkt.saddr };
             let value =
@@ -121,6 +132,9 @@ pub fn commit(ctx: &TcContext, pkt: &Packet, fwd: &Forward, now: u64) -> Result<
         ct::refresh(unsafe { &mut *fwd.entry }, pkt, now);
     }
     nat::dnat(ctx, pkt, fwd.backend.addr, fwd.backend.port)?;
+    if hairpin {
+        nat::hairpin_snat(ctx, pkt)?;
+    }
     Ok(fwd.reason)
 }
 

@@ -104,9 +104,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<Reason, Reason> {
             }
             other => other?,
         };
-        let (addr, port) = (fwd.backend.addr, fwd.backend.port);
-        let flow = policy::Flow::translated(&pkt, ctx.len(), addr, port);
-        policy::check(policy::Hook::FromPod, &flow, fwd.reason)?;
+        // Hairpin (the pod is its own backend): its own traffic, never judged by policy.
+        if !fwd.is_hairpin(&pkt) {
+            let (addr, port) = (fwd.backend.addr, fwd.backend.port);
+            let flow = policy::Flow::translated(&pkt, ctx.len(), addr, port);
+            policy::check(policy::Hook::FromPod, &flow, fwd.reason)?;
+        }
         return lb::commit(ctx, &pkt, &fwd, now);
     }
     judge_then_reverse(ctx, &pkt, policy::Hook::FromPod)
@@ -118,6 +121,14 @@ fn try_to_pod(ctx: &TcContext) -> Result<Reason, Reason> {
     // for this field. A packet generated on this node (kubelet probes, host-network pods)
     // never went through a device's receive path, so it has no ingress interface.
     let from_host = unsafe { (*ctx.skb.skb).ingress_ifindex } == 0;
+    // SAFETY: as above. A packet that came in on this very interface is the pod's own
+    // traffic delivered back to it: a hairpin flow, translated by `from_pod` both ways.
+    // Index 1 is excluded: it is `lo`, never a pod veth, and the device BPF_PROG_TEST_RUN
+    // builds its skb on (`inspect trace` and the tests pass `ingress_ifindex` 1 or others).
+    let to_itself = unsafe {
+        let skb = &*ctx.skb.skb;
+        skb.ifindex > 1 && skb.ingress_ifindex == skb.ifindex
+    };
     let pkt = match parse::parse(ctx)? {
         parse::Parsed::Packet(pkt) => pkt,
         parse::Parsed::Pass(reason) => return Ok(reason),
@@ -129,6 +140,8 @@ fn try_to_pod(ctx: &TcContext) -> Result<Reason, Reason> {
             policy::host(&policy::Flow::of(&pkt, ctx.len()));
             reverse(ctx, &pkt, lookup_reply(&pkt))
         }
+        // Hairpin: never judged by policy (the pod's egress side was not judged either).
+        (false, _) if to_itself => reverse(ctx, &pkt, lookup_reply(&pkt)),
         (false, _) => judge_then_reverse(ctx, &pkt, policy::Hook::ToPod),
     }
 }
@@ -154,7 +167,10 @@ fn judge_then_reverse(
         (None, parse::Frag::None) => Reason::PassNotService,
         (None, _) => Reason::PassFragment,
     };
-    policy::check(hook, &policy::Flow::of(pkt, ctx.len()), outcome)?;
+    // A hairpin reply (the pod answering itself) is not judged, as its request was not.
+    if !rev.as_ref().is_some_and(|r| r.hairpin) {
+        policy::check(hook, &policy::Flow::of(pkt, ctx.len()), outcome)?;
+    }
     reverse(ctx, pkt, rev)
 }
 
@@ -168,6 +184,9 @@ fn reverse(
     if let Some(rev) = rev {
         rev.refresh(pkt);
         nat::rev_snat(ctx, pkt, rev.vip, rev.vport)?;
+        if rev.hairpin {
+            nat::hairpin_rev_dnat(ctx, pkt)?;
+        }
         return Ok(Reason::RevNat);
     }
     Ok(if pkt.frag == parse::Frag::None { Reason::PassNotService } else { Reason::PassFragment })

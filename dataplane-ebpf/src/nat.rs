@@ -8,7 +8,10 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use nodeplane_common::{maps::IPPROTO_TCP, reason::Reason};
+use nodeplane_common::{
+    maps::{HAIRPIN_ADDR_V4, IPPROTO_TCP},
+    reason::Reason,
+};
 
 use crate::parse::{ETH_HLEN, Packet};
 
@@ -28,6 +31,20 @@ pub fn dnat(ctx: &TcContext, pkt: &Packet, addr: [u8; 4], port: [u8; 2]) -> Resu
 #[inline(always)]
 pub fn rev_snat(ctx: &TcContext, pkt: &Packet, vip: [u8; 4], vport: [u8; 2]) -> Result<(), Reason> {
     rewrite(ctx, pkt, IP_SRC_OFF, pkt.saddr, vip, pkt.l4_off, pkt.sport, vport)
+}
+
+/// Hairpin: source `client` -> `HAIRPIN_ADDR_V4`, port kept (after [`dnat`], which leaves
+/// the source alone).
+#[inline(always)]
+pub fn hairpin_snat(ctx: &TcContext, pkt: &Packet) -> Result<(), Reason> {
+    rewrite(ctx, pkt, IP_SRC_OFF, pkt.saddr, HAIRPIN_ADDR_V4, pkt.l4_off, pkt.sport, pkt.sport)
+}
+
+/// A hairpin reply: destination `HAIRPIN_ADDR_V4` -> the pod sending it (after
+/// [`rev_snat`], which leaves the destination alone).
+#[inline(always)]
+pub fn hairpin_rev_dnat(ctx: &TcContext, pkt: &Packet) -> Result<(), Reason> {
+    rewrite(ctx, pkt, IP_DST_OFF, pkt.daddr, pkt.saddr, pkt.l4_off + 2, pkt.dport, pkt.dport)
 }
 
 #[expect(clippy::too_many_arguments, reason = "one call site per direction, all offsets explicit")]

@@ -308,17 +308,10 @@ pub fn nat(t: &CtTables, filter: &Filter, names: &NameIndex) -> NatReport {
     NatReport { translations }
 }
 
-/// The ORIGINAL key of the flow a REPLY entry belongs to.
+/// The ORIGINAL key of the flow a REPLY entry belongs to (hairpin flows included): the
+/// GC's rule, so the two never disagree.
 fn original_of(reply: &CtKeyV4, v: &CtValueV4) -> CtKeyV4 {
-    CtKeyV4 {
-        saddr: reply.daddr,
-        daddr: v.nat_addr,
-        sport: reply.dport,
-        dport: v.nat_port,
-        proto: reply.proto,
-        dir: CT_DIR_ORIGINAL,
-        _pad: [0; 2],
-    }
+    crate::ctgc::original_of_reply(reply, v)
 }
 
 fn secs(x: f64) -> String {
