@@ -21,6 +21,9 @@
 //!        └─ packet ─► conntrack (REPLY) ─► host-originated? record : policy (ingress, wire tuple) ─┬─ reply ─► reverse NAT
 //!                                                                                               └─ other ─► pass untouched
 //! ```
+//! Before that, an ICMP error (type 3 or 11) quoting a DNATed packet of a live service flow
+//! gets its quote (and its source, if the backend sent it) back to the VIP (`icmp.rs`).
+//!
 //! `to_pod` reverse-translates replies whose conntrack entry this node created, wherever the
 //! backend is. That is what makes backends on other nodes and on the host network work:
 //! their replies never cross the ingress of a local pod veth, but they always cross the
@@ -40,6 +43,7 @@
 #![no_main]
 
 mod ct;
+mod icmp;
 mod lb;
 mod maps;
 mod metrics;
@@ -133,6 +137,11 @@ fn try_to_pod(ctx: &TcContext) -> Result<Reason, Reason> {
         parse::Parsed::Packet(pkt) => pkt,
         parse::Parsed::Pass(reason) => return Ok(reason),
     };
+    // ── ICMP errors (icmp.rs): a quote of a DNATed packet goes back to the VIP ──
+    if let Some(err) = icmp::error_of(ctx, &pkt) {
+        return icmp::judge_then_reverse(ctx, &pkt, &err, from_host);
+    }
+    // ── end ICMP errors ──
     match (from_host, pkt.frag) {
         (true, parse::Frag::Later) => Ok(Reason::PassFragment),
         (false, parse::Frag::Later) => policy::fragment(policy::Hook::ToPod, &pkt, ctx.len()),
