@@ -694,8 +694,10 @@ fn attach(datapath: &mut Datapath, prefixes: &[String], warned: &mut bool) {
 fn sync(agent: &mut Agent, datapath: &mut Datapath, events: &NodeEvents, gc: &ctgc::Gc) -> bool {
     let started = Instant::now();
     let result = agent.sync(datapath.maps());
-    if result.as_ref().map_or(true, |r| r.conntrack_flush) {
-        gc.flush();
+    match &result {
+        Ok(r) if r.conntrack_flush => gc.flush(Some(agent.syncer.programmed_pairs())),
+        Ok(_) => {}
+        Err(_) => gc.flush(None),
     }
     match result {
         Ok(report) if report.ops + report.policy_ops > 0 => {

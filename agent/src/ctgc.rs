@@ -332,6 +332,8 @@ impl<K: aya::Pod, V: aya::Pod> Table<K, V> {
 /// The maps a GC task reads and writes, on descriptors of its own (`Send`, so a pass runs
 /// on tokio's blocking pool while the main loop keeps the [`Maps`]).
 pub struct GcMaps {
+    /// The pairs of the last sync that completed ([`Gc::flush`]).
+    settled: Arc<std::sync::Mutex<HashSet<Pair>>>,
     ct: Table<CtKeyV4, CtValueV4>,
     policy_ct: Table<PolicyCtKey, PolicyCtValue>,
     services: BatchReader<ServiceKeyV4, ServiceValue>,
@@ -341,7 +343,15 @@ pub struct GcMaps {
 
 impl GcMaps {
     pub fn new(maps: &Maps) -> Result<Self, DatapathError> {
+        Self::with_settled(maps, Arc::default())
+    }
+
+    fn with_settled(
+        maps: &Maps,
+        settled: Arc<std::sync::Mutex<HashSet<Pair>>>,
+    ) -> Result<Self, DatapathError> {
         Ok(Self {
+            settled,
             ct: Table::new(names::CT_V4, &maps.ct)?,
             policy_ct: Table::new(names::POLICY_CT_V4, &maps.policy_ct)?,
             services: BatchReader::new(names::SERVICES_V4, &maps.services)?,
@@ -350,8 +360,11 @@ impl GcMaps {
         })
     }
 
-    /// The pairs programmed right now, read from the kernel (not from the agent's memory:
-    /// maps adopted from an earlier agent count too).
+    /// The pairs programmed right now, read from the kernel (maps adopted from an earlier
+    /// agent count too), together with those of the last sync that completed. A sync may
+    /// be writing while this reads: between its writes a pair can be briefly absent from
+    /// the kernel (a backend moving to the next slot before the count grows), and a flow
+    /// of a pair absent from both is the only one deleted.
     fn programmed(&self, pass: Pass) -> Result<HashSet<Pair>, GcError> {
         let read =
             |map: &'static str| move |source| GcError::Read { pass: pass.as_str(), map, source };
@@ -365,7 +378,9 @@ impl GcMaps {
                 backends.insert(*k, *v);
             })
             .map_err(read(names::BACKENDS_V4))?;
-        Ok(programmed_pairs(services, slots, &backends))
+        let mut pairs = programmed_pairs(services, slots, &backends);
+        pairs.extend(self.settled.lock().unwrap_or_else(|e| e.into_inner()).iter().copied());
+        Ok(pairs)
     }
 }
 
@@ -590,6 +605,7 @@ impl GcMetrics {
 /// loop never waits for either.
 pub struct Gc {
     flush: Arc<Notify>,
+    settled: Arc<std::sync::Mutex<HashSet<Pair>>>,
 }
 
 impl Gc {
@@ -600,14 +616,20 @@ impl Gc {
         metrics: Arc<Metrics>,
     ) -> Result<Self, DatapathError> {
         let flush = Arc::new(Notify::new());
-        tokio::spawn(flush_loop(GcMaps::new(maps)?, flush.clone(), metrics.clone()));
-        tokio::spawn(expiry_loop(GcMaps::new(maps)?, interval, metrics));
-        Ok(Self { flush })
+        let settled = Arc::<std::sync::Mutex<HashSet<Pair>>>::default();
+        let flush_maps = GcMaps::with_settled(maps, settled.clone())?;
+        tokio::spawn(flush_loop(flush_maps, flush.clone(), metrics.clone()));
+        tokio::spawn(expiry_loop(GcMaps::with_settled(maps, settled.clone())?, interval, metrics));
+        Ok(Self { flush, settled })
     }
 
     /// Asks for a flush pass and returns at once. Requests made while one runs collapse
-    /// into one more pass after it.
-    pub fn flush(&self) {
+    /// into one more pass after it. `settled`: the pairs of the sync that just completed
+    /// (`None` after a failed one: the last completed sync's stay).
+    pub fn flush(&self, settled: Option<HashSet<Pair>>) {
+        if let Some(pairs) = settled {
+            *self.settled.lock().unwrap_or_else(|e| e.into_inner()) = pairs;
+        }
         self.flush.notify_one();
     }
 }

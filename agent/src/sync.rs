@@ -183,6 +183,18 @@ impl Syncer {
         Self { capacity, ..Self::default() }
     }
 
+    /// The non-TCP (frontend, backend) pairs written, as the conntrack flush compares
+    /// flows against ([`crate::ctgc::programmed_pairs`]).
+    pub fn programmed_pairs(&self) -> std::collections::HashSet<crate::ctgc::Pair> {
+        let r = &self.realized;
+        let backends = r.backends.iter().map(|(k, v)| (*k, *v)).collect();
+        crate::ctgc::programmed_pairs(
+            r.services.iter().map(|(k, v)| (*k, *v)),
+            r.slots.iter().map(|(k, v)| (*k, *v)),
+            &backends,
+        )
+    }
+
     /// Takes over maps an earlier agent wrote (pinned, read back at start-up): their entries
     /// become what was written, ids and reference counts included. The next plan keeps
     /// every frontend and backend that is still desired under its id, rewrites only what
