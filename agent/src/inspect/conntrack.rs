@@ -233,6 +233,46 @@ pub fn conntrack(t: &CtTables, filter: &Filter, names: &NameIndex) -> ConntrackR
     ConntrackReport { service, policy }
 }
 
+/// One translated flow as both kinds of `nat` line see it.
+struct NatFlow {
+    proto: u8,
+    state: u8,
+    client: SocketAddrV4,
+    frontend: SocketAddrV4,
+    backend: SocketAddrV4,
+}
+
+impl NatFlow {
+    /// The line, with the names of its Service and backend pod; `timing`: (expires in,
+    /// idle) in seconds.
+    fn entry(
+        &self,
+        names: &NameIndex,
+        (expires, idle): (f64, f64),
+        reverse_nat: bool,
+        kind: &'static str,
+    ) -> NatEntry {
+        let key = nodeplane_common::maps::ServiceKeyV4::new(
+            self.frontend.ip().octets(),
+            self.frontend.port(),
+            self.proto,
+        );
+        NatEntry {
+            protocol: proto_name(self.proto),
+            client: self.client,
+            frontend: self.frontend,
+            backend: Some(self.backend),
+            service: names.service(&key).map(|n| n.service.clone()),
+            backend_pod: names.pod_at(*self.backend.ip()).map(|p| p.pod.clone()),
+            state: state_name(self.proto, self.state),
+            expires_in_s: round(expires),
+            idle_s: round(idle),
+            reverse_nat,
+            kind,
+        }
+    }
+}
+
 pub fn nat(t: &CtTables, filter: &Filter, names: &NameIndex) -> NatReport {
     let mut translations = Vec::new();
     for (k, v) in &t.ct {
@@ -253,25 +293,8 @@ pub fn nat(t: &CtTables, filter: &Filter, names: &NameIndex) -> NatReport {
             if !(filter.all || live) || !filter.admits(k.proto, &[client, frontend, backend]) {
                 continue;
             }
-            NatEntry {
-                protocol: proto_name(k.proto),
-                client,
-                frontend,
-                backend: Some(backend),
-                service: names
-                    .service(&nodeplane_common::maps::ServiceKeyV4::new(
-                        k.daddr,
-                        frontend.port(),
-                        k.proto,
-                    ))
-                    .map(|n| n.service.clone()),
-                backend_pod: names.pod_at(*backend.ip()).map(|p| p.pod.clone()),
-                state: state_name(k.proto, v.state),
-                expires_in_s: round(expires),
-                idle_s: round(idle),
-                reverse_nat: t.ct.contains_key(&reply),
-                kind: "dnat",
-            }
+            let flow = NatFlow { proto: k.proto, state: v.state, client, frontend, backend };
+            flow.entry(names, (expires, idle), t.ct.contains_key(&reply), "dnat")
         } else {
             // A REPLY entry is shown on its own only when its ORIGINAL one is not live.
             let (backend, client, frontend) =
@@ -282,25 +305,8 @@ pub fn nat(t: &CtTables, filter: &Filter, names: &NameIndex) -> NatReport {
             if !(filter.all || live) || !filter.admits(k.proto, &[client, frontend, backend]) {
                 continue;
             }
-            NatEntry {
-                protocol: proto_name(k.proto),
-                client,
-                frontend,
-                backend: Some(backend),
-                service: names
-                    .service(&nodeplane_common::maps::ServiceKeyV4::new(
-                        v.nat_addr,
-                        frontend.port(),
-                        k.proto,
-                    ))
-                    .map(|n| n.service.clone()),
-                backend_pod: names.pod_at(*backend.ip()).map(|p| p.pod.clone()),
-                state: state_name(k.proto, v.state),
-                expires_in_s: round(expires),
-                idle_s: round(idle),
-                reverse_nat: true,
-                kind: "reply-only",
-            }
+            let flow = NatFlow { proto: k.proto, state: v.state, client, frontend, backend };
+            flow.entry(names, (expires, idle), true, "reply-only")
         };
         translations.push(entry);
     }
