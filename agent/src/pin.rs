@@ -96,6 +96,16 @@ pub struct LinkPin {
     pub path: PathBuf,
 }
 
+/// What [`PinDir::find_map`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// A pin of the layout asked for.
+    Pin(PathBuf),
+    /// Only a pin of another layout: the agent and the reader are different builds.
+    OtherLayout(PathBuf),
+    Missing,
+}
+
 /// A pinned map, as named in `maps/`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MapPin {
@@ -265,30 +275,19 @@ impl PinDir {
         Ok(pins)
     }
 
-    /// The current pin of map `name`: the one of `layout` if given, else the only one.
-    pub fn find_map(&self, name: &str, layout: Option<&Layout>) -> Result<PathBuf, PinError> {
+    /// The pin of map `name` a reader of `layout` can use: that layout and capacity, else
+    /// that layout at another capacity (an agent started with other sizes: the kernel
+    /// knows the size); else a pin of another layout, or none.
+    pub fn find_map(&self, name: &str, layout: &Layout) -> Result<Found, PinError> {
         if !self.installed() {
             return Err(PinError::NotInstalled(self.root.clone()));
         }
         let pins: Vec<MapPin> = self.map_pins()?.into_iter().filter(|p| p.map == name).collect();
-        let found = match layout {
-            Some(l) => pins.iter().find(|p| p.kind == l.kind() && p.max_entries == l.max_entries),
-            None => pins.first(),
-        };
-        found.map(|p| p.path.clone()).ok_or_else(|| PinError::Io {
-            what: "finding the pin of",
-            path: self.maps_dir().join(name),
-            source: io::Error::new(
-                io::ErrorKind::NotFound,
-                match pins.first() {
-                    Some(p) => format!(
-                        "pinned with another layout ({}): the agent and this binary are \
-                         different builds",
-                        p.path.display()
-                    ),
-                    None => "not pinned".to_string(),
-                },
-            ),
+        let kind = layout.kind();
+        let exact = pins.iter().find(|p| p.kind == kind && p.max_entries == layout.max_entries);
+        Ok(match exact.or_else(|| pins.iter().find(|p| p.kind == kind)) {
+            Some(p) => Found::Pin(p.path.clone()),
+            None => pins.into_iter().next().map_or(Found::Missing, |p| Found::OtherLayout(p.path)),
         })
     }
 
@@ -363,7 +362,7 @@ fn remove_dir_if_exists(dir: &Path) -> Result<(), PinError> {
 }
 
 /// Whether `path`, or its closest existing ancestor, is on bpffs.
-fn on_bpffs(path: &Path) -> Result<bool, PinError> {
+pub fn on_bpffs(path: &Path) -> Result<bool, PinError> {
     let mut probe = path;
     while !probe.exists() {
         match probe.parent() {
@@ -514,10 +513,13 @@ mod tests {
         assert_eq!(maps.len(), 1);
         assert_eq!((maps[0].map.as_str(), maps[0].max_entries), ("FLOW_EVENT_COUNTERS", 1024));
         assert_eq!(maps[0].kind, l.kind());
-        assert_eq!(pins.find_map("FLOW_EVENT_COUNTERS", Some(&l)).unwrap(), maps[0].path);
+        let found = |l: &Layout| pins.find_map("FLOW_EVENT_COUNTERS", l).unwrap();
+        assert_eq!(found(&l), Found::Pin(maps[0].path.clone()));
+        let resized = Layout { max_entries: 7, ..l };
+        assert_eq!(found(&resized), Found::Pin(maps[0].path.clone()), "same kind, any size");
         let other = Layout { value_size: 8, ..l };
-        let err = pins.find_map("FLOW_EVENT_COUNTERS", Some(&other)).unwrap_err();
-        assert!(err.to_string().contains("another layout"), "{err}");
+        assert_eq!(found(&other), Found::OtherLayout(maps[0].path.clone()));
+        assert_eq!(pins.find_map("CT_V4", &l).unwrap(), Found::Missing);
         let links = pins.link_pins().unwrap();
         assert_eq!(links.len(), 1);
         assert_eq!(

@@ -20,7 +20,7 @@ use nodeplane_common::{
 
 use crate::{
     datapath::EBPF_OBJECT,
-    pin::{self, Layout, LinkPin, PinDir, PinError},
+    pin::{self, Found, Layout, LinkPin, PinDir, PinError},
     policy::compute::PolicyLookup,
 };
 
@@ -119,7 +119,7 @@ impl Pins {
         if !dir.exists() {
             return Err(InspectError::NotInstalled(dir.to_path_buf()));
         }
-        if !on_bpffs(dir) {
+        if !pin::on_bpffs(dir).unwrap_or(false) {
             return Err(InspectError::NotBpffs(dir.to_path_buf()));
         }
         let pins = PinDir::new(dir);
@@ -141,20 +141,14 @@ impl Pins {
             map: name.to_string(),
             dir: self.dir.root().to_path_buf(),
         })?;
-        if let Ok(path) = self.dir.find_map(name, Some(layout)) {
-            return Ok(path);
-        }
-        let pins: Vec<_> = self.dir.map_pins()?.into_iter().filter(|p| p.map == name).collect();
-        if let Some(p) = pins.iter().find(|p| p.kind == layout.kind()) {
-            return Ok(p.path.clone());
-        }
-        match pins.into_iter().next() {
-            Some(p) => Err(InspectError::LayoutMismatch {
+        match self.dir.find_map(name, layout)? {
+            Found::Pin(path) => Ok(path),
+            Found::OtherLayout(found) => Err(InspectError::LayoutMismatch {
                 map: name.to_string(),
                 expected: layout.pin_name(name),
-                found: p.path,
+                found,
             }),
-            None => Err(InspectError::MapNotPinned {
+            Found::Missing => Err(InspectError::MapNotPinned {
                 map: name.to_string(),
                 dir: self.dir.root().to_path_buf(),
             }),
@@ -206,22 +200,6 @@ impl Pins {
     pub fn links(&self) -> Result<Vec<LinkPin>, InspectError> {
         Ok(self.dir.link_pins()?)
     }
-}
-
-/// Whether `path` is on bpffs (`statfs(2)`).
-fn on_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs(2) writes one struct statfs into `st`, which lives for the call.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
-        return false;
-    }
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
-    let magic = st.f_type as i64;
-    magic == BPF_FS_MAGIC
 }
 
 impl PinnedMaps {
