@@ -18,15 +18,15 @@
 //! counted by [`SkipReason::label`] for metrics.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::api::{core::v1 as corev1, discovery::v1 as discoveryv1};
 
 use crate::{
     model::{
-        ContainerPort, Endpoint, EndpointPort, EndpointSlice, Ipv4Cidr, Namespace, Node,
-        NodeAddress, Pod, PodPhase, Protocol, Service, ServicePort, SessionAffinity,
+        ContainerPort, Endpoint, EndpointPort, EndpointSlice, ExternalAccess, Ipv4Cidr, Namespace,
+        Node, NodeAddress, Pod, PodPhase, Protocol, Service, ServicePort, SessionAffinity,
         parse_ipv4_canonical,
     },
     policy::{
@@ -67,6 +67,10 @@ pub enum SkipReason {
     /// A NetworkPolicy part dropped or repaired, fail closed (never widening the policy).
     #[error("{0}")]
     InvalidPolicyPart(PolicyIssue),
+    #[error("{field} {value:?} is not a canonical IPv4 address or CIDR; ignoring it")]
+    InvalidExternalAddress { field: &'static str, value: String },
+    #[error("port {port}: invalid nodePort {number}; the port gets no NodePort")]
+    InvalidNodePort { port: String, number: i32 },
 }
 
 impl SkipReason {
@@ -83,6 +87,8 @@ impl SkipReason {
             SkipReason::UnsupportedSessionAffinity { .. } => "unsupported_session_affinity",
             SkipReason::InvalidAffinityTimeout { .. } => "invalid_affinity_timeout",
             SkipReason::InvalidPolicyPart(_) => "invalid_policy_part",
+            SkipReason::InvalidExternalAddress { .. } => "invalid_external_address",
+            SkipReason::InvalidNodePort { .. } => "invalid_node_port",
         }
     }
 }
@@ -470,12 +476,25 @@ fn convert_service(
     if cluster_ips_v4.is_empty() || !v4_family {
         return not_proxied("IPv6 only");
     }
+    let external_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
         match convert_port(p.name.as_deref(), Some(p.port), p.protocol.as_deref()) {
             Ok((port, protocol)) => {
                 let name = p.name.clone().unwrap_or_default();
-                ports.push(ServicePort { name, port, protocol });
+                let node_port = match p.node_port.filter(|_| external_type) {
+                    None => None,
+                    Some(n) => match u16::try_from(n).ok().filter(|n| *n != 0) {
+                        Some(n) => Some(n),
+                        None => {
+                            let port =
+                                port_label(p.name.as_deref(), Some(p.port), p.protocol.as_deref());
+                            skips.push(SkipReason::InvalidNodePort { port, number: n });
+                            None
+                        }
+                    },
+                };
+                ports.push(ServicePort { name, port, protocol, node_port });
             }
             Err(reason) => skips.push(reason),
         }
@@ -488,7 +507,92 @@ fn convert_service(
         selector: spec.selector.clone(),
         internal_traffic_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         session_affinity: convert_affinity(spec, skips),
+        external: convert_external(svc, spec, skips),
     })
+}
+
+/// A `loadBalancerSourceRanges` entry: `a.b.c.d/n`, host bits masked as the API server's
+/// `net.ParseCIDR` does (kube-proxy accepts `10.0.0.1/8` as `10.0.0.0/8`).
+fn source_range(value: &str) -> Option<Ipv4Cidr> {
+    let (addr, len) = value.split_once('/')?;
+    let addr = parse_ipv4_canonical(addr)?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Ipv4Cidr::new(Ipv4Addr::from(u32::from(addr) & mask), len)
+}
+
+/// The north-south fields of a Service. Bad addresses and ranges are dropped one by one
+/// with a reason; IPv6 ones silently, as for ClusterIPs.
+fn convert_external(
+    svc: &corev1::Service,
+    spec: &corev1::ServiceSpec,
+    skips: &mut Vec<SkipReason>,
+) -> ExternalAccess {
+    let mut addrs = |field: &'static str, values: &mut dyn Iterator<Item = &str>| {
+        let mut out = Vec::new();
+        for value in values {
+            match parse_ipv4_canonical(value) {
+                Some(v4) if !out.contains(&v4) => out.push(v4),
+                Some(_) => {}
+                None if value.parse::<Ipv6Addr>().is_ok() => {}
+                None => skips
+                    .push(SkipReason::InvalidExternalAddress { field, value: value.to_string() }),
+            }
+        }
+        out
+    };
+    let external_ips =
+        addrs("externalIPs", &mut spec.external_ips.iter().flatten().map(String::as_str));
+    let load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
+    let lb_ingress_ips = if load_balancer {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        addrs(
+            "status.loadBalancer.ingress.ip",
+            &mut ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()),
+        )
+    } else {
+        Vec::new()
+    };
+    let mut source_ranges = Vec::new();
+    if load_balancer {
+        for value in spec.load_balancer_source_ranges.iter().flatten() {
+            let value = value.trim();
+            match source_range(value) {
+                Some(cidr) => source_ranges.push(cidr),
+                None if value.contains(':') => {}
+                None => skips.push(SkipReason::InvalidExternalAddress {
+                    field: "loadBalancerSourceRanges",
+                    value: value.to_string(),
+                }),
+            }
+        }
+        let listed = spec.load_balancer_source_ranges.as_ref().is_some_and(|r| !r.is_empty());
+        if listed && source_ranges.is_empty() {
+            // Every range was unusable: an empty list would admit everyone. Fail closed with
+            // a range no packet matches from outside (0.0.0.0/32).
+            source_ranges.push(Ipv4Cidr::new(Ipv4Addr::UNSPECIFIED, 32).expect("valid"));
+        }
+        source_ranges.sort();
+        source_ranges.dedup();
+    }
+    let traffic_policy_local = spec.external_traffic_policy.as_deref() == Some("Local")
+        && (load_balancer || spec.type_.as_deref() == Some("NodePort") || !external_ips.is_empty());
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|_| load_balancer && traffic_policy_local)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0);
+    ExternalAccess {
+        external_ips,
+        lb_ingress_ips,
+        traffic_policy_local,
+        health_check_node_port,
+        source_ranges,
+    }
 }
 
 /// `spec.sessionAffinity` and its timeout. The API server only admits `None` and
@@ -827,8 +931,18 @@ mod tests {
         assert_eq!(
             svc.ports,
             vec![
-                ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp },
-                ServicePort { name: "dns".into(), port: 53, protocol: Protocol::Udp },
+                ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    node_port: None
+                },
+                ServicePort {
+                    name: "dns".into(),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    node_port: None
+                },
             ]
         );
         assert!(index.skipped_counts().is_empty());

@@ -86,6 +86,27 @@ pub struct Service {
     pub internal_traffic_policy_local: bool,
     /// `spec.sessionAffinity`, with its timeout already validated by the index.
     pub session_affinity: SessionAffinity,
+    /// How traffic from outside the cluster reaches it: NodePorts, LoadBalancer and
+    /// external IPs, and their policies.
+    pub external: ExternalAccess,
+}
+
+/// The north-south side of a Service: what kube-proxy programs besides the ClusterIP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExternalAccess {
+    /// `spec.externalIPs` (IPv4, canonical). Admitted by the agent's allowlist only
+    /// (`--external-ip-cidr`; CVE-2020-8554), checked in [`desired`](crate::desired).
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` (IPv4) of a `LoadBalancer` Service.
+    pub lb_ingress_ips: Vec<Ipv4Addr>,
+    /// `spec.externalTrafficPolicy: Local`: external traffic goes to this node's endpoints
+    /// only and keeps its source address.
+    pub traffic_policy_local: bool,
+    /// `spec.healthCheckNodePort` (a `LoadBalancer` Service with the Local policy).
+    pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges` (IPv4); empty means every source. Applies to the
+    /// LoadBalancer ingress IPs only, as in kube-proxy.
+    pub source_ranges: Vec<Ipv4Cidr>,
 }
 
 /// `spec.sessionAffinity`: whether new connections of one client IP stick to one backend.
@@ -115,6 +136,9 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// `nodePort` of a `NodePort` or `LoadBalancer` Service (`None` for other types, and
+    /// for a LoadBalancer with `allocateLoadBalancerNodePorts: false`).
+    pub node_port: Option<u16>,
 }
 
 /// An EndpointSlice of address type IPv4.

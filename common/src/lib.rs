@@ -13,6 +13,7 @@ pub mod csum;
 pub mod ct;
 pub mod icmp;
 pub mod maps;
+pub mod nat;
 pub mod policy;
 pub mod reason;
 pub mod reject;

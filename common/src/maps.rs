@@ -84,6 +84,18 @@ pub const SVC_F_AFFINITY: u32 = 2;
 /// some: new flows are dropped (kube-proxy's DROP), not rejected as for a Service without
 /// any endpoint.
 pub const SVC_F_DROP_EMPTY: u32 = 4;
+/// A north-south frontend: a NodePort on one of this node's addresses, a LoadBalancer
+/// ingress IP or an ExternalIP. Its flows carry [`CT_F_EXTERNAL`]: their replies are
+/// reverse-translated where they leave the node (`to_netdev`, or `to_pod` for a pod
+/// client), not in `from_pod`, and a flow sent to a backend on another node is SNATed to
+/// the node IP on its way out (`externalTrafficPolicy: Cluster`).
+pub const SVC_F_EXTERNAL: u32 = 8;
+/// The frontend has `loadBalancerSourceRanges`: a new flow's client must match one of the
+/// frontend's prefixes in `SOURCE_RANGES_V4` (checked at XDP, again in `from_netdev`).
+pub const SVC_F_SOURCE_RANGES: u32 = 16;
+/// `externalTrafficPolicy: Local` (external frontends only): the backends are this node's
+/// endpoints alone and the client's address is never rewritten.
+pub const SVC_F_ETP_LOCAL: u32 = 32;
 
 /// Key of `AFFINITY_V4`: a client of a frontend with [`SVC_F_AFFINITY`].
 #[repr(C)]
@@ -197,6 +209,10 @@ const _: () = assert!(core::mem::size_of::<CtValueV4>() == 32);
 /// [`HAIRPIN_ADDR_V4`], so the reply (`pod -> HAIRPIN_ADDR_V4`) leaves the pod and crosses
 /// `from_pod` again; its REPLY entry is keyed `backend:bport -> HAIRPIN_ADDR_V4:cport`.
 pub const CT_F_HAIRPIN: u8 = 1;
+/// `CtValueV4::flags`: a flow of an external frontend ([`SVC_F_EXTERNAL`]). `from_pod`
+/// leaves its replies alone; `to_netdev` (client outside) or `to_pod` (client a local pod)
+/// reverse-translates them.
+pub const CT_F_EXTERNAL: u8 = 2;
 
 /// The source address a hairpin flow's packets are SNATed to (Cilium's "loopback" address
 /// idea): link-local, never assigned to a pod, a node or a Service by the lab or a cluster.
@@ -234,6 +250,21 @@ pub mod names {
     pub const FLOW_EVENT_COUNTERS: &str = "FLOW_EVENT_COUNTERS";
     /// LRU of `(service id, client IP)` -> the backend of the client's last new flow.
     pub const AFFINITY_V4: &str = "AFFINITY_V4";
+    /// SNAT table (`crate::nat`): both directions of every SNATed flow. An LRU.
+    pub const NAT_V4: &str = "NAT_V4";
+    /// One element: `crate::nat::NatConfig` (node IP, port range, masquerade on or off).
+    pub const NAT_CONFIG: &str = "NAT_CONFIG";
+    /// LPM of destinations pods reach without masquerade (the cluster's own ranges).
+    pub const NO_MASQ_V4: &str = "NO_MASQ_V4";
+    /// LPM of `(frontend id, client prefix)`: the `loadBalancerSourceRanges` of frontends
+    /// with `SVC_F_SOURCE_RANGES`.
+    pub const SOURCE_RANGES_V4: &str = "SOURCE_RANGES_V4";
+    /// XDP on the node's external interfaces.
+    pub const PROG_XDP_NETDEV: &str = "xdp_netdev";
+    /// tc ingress of the node's external interfaces.
+    pub const PROG_FROM_NETDEV: &str = "from_netdev";
+    /// tc egress of the node's external interfaces.
+    pub const PROG_TO_NETDEV: &str = "to_netdev";
     /// The tc program on the ingress of the host side of every pod veth (what pods send).
     pub const PROG_FROM_POD: &str = "from_pod";
     /// The tc program on the egress of the same interfaces (what is delivered to pods).

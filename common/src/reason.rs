@@ -50,10 +50,24 @@ pub enum Reason {
     /// Translated: an ICMP error (destination unreachable, time exceeded) quoting a DNATed
     /// packet of a service flow, its quote rewritten back to the VIP (`to_pod`; `icmp.rs`).
     IcmpRevNat = 19,
+    /// Dropped: a client outside the `loadBalancerSourceRanges` of the frontend it reached
+    /// (XDP or `from_netdev`).
+    DropSourceRange = 20,
+    /// Translated: the first packet of a flow leaving the node, SNATed to the node IP with a
+    /// port the allocator chose (masquerade, or a NodePort flow forwarded to another node).
+    SnatNew = 21,
+    /// Translated: a later packet of an SNATed flow.
+    Snat = 22,
+    /// Translated: a reply to an SNATed flow, its destination given back to the client.
+    RevSnat = 23,
+    /// Dropped: no free port for a new SNATed flow (every probe of the allocator collided).
+    DropNatExhausted = 24,
+    /// Dropped: the node's external frontends need an address to SNAT to and have none.
+    DropNoNodeIp = 25,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 26;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Self::PassNotIpv4,
@@ -76,6 +90,12 @@ impl Reason {
         Self::RejectTcp,
         Self::RejectUdp,
         Self::IcmpRevNat,
+        Self::DropSourceRange,
+        Self::SnatNew,
+        Self::Snat,
+        Self::RevSnat,
+        Self::DropNatExhausted,
+        Self::DropNoNodeIp,
     ];
 
     pub const fn from_index(i: u32) -> Option<Self> {
@@ -96,6 +116,9 @@ impl Reason {
                 | Self::DropCtInsertFailed
                 | Self::DropPolicy
                 | Self::DropPolicyFragment
+                | Self::DropSourceRange
+                | Self::DropNatExhausted
+                | Self::DropNoNodeIp
         )
     }
 
@@ -139,16 +162,19 @@ impl Reason {
             Self::RejectTcp => "reject-tcp",
             Self::RejectUdp => "reject-udp",
             Self::IcmpRevNat => "icmp-rev-nat",
+            Self::DropSourceRange => "source-range",
+            Self::SnatNew => "snat-new",
+            Self::Snat => "snat",
+            Self::RevSnat => "rev-snat",
+            Self::DropNatExhausted => "nat-exhausted",
+            Self::DropNoNodeIp => "no-node-ip",
         }
     }
 }
 
 /// The program that counted a packet: the first coordinate of a `COUNTERS` slot. Stored as
-/// a `u32` index, decoded with [`Hook::from_index`].
-///
-/// Only the two tc hooks exist today. [`Hook::SLOTS`] leaves room for the ones planned in
-/// docs/ARCHITECTURE.md: XDP on the node's external interface (NodePort) will be 2 and
-/// socket-level load balancing 3, so adding them does not move the existing slots.
+/// a `u32` index, decoded with [`Hook::from_index`]. The numbers are an ABI: a new hook
+/// takes the next free one, existing slots never move.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u32)]
 pub enum Hook {
@@ -156,24 +182,41 @@ pub enum Hook {
     FromPod = 0,
     /// tc egress of the same interface: what is delivered to the pod.
     ToPod = 1,
+    /// XDP on the node's external interfaces: NodePort, LoadBalancer and ExternalIP
+    /// traffic, `loadBalancerSourceRanges`, replies of SNATed flows.
+    Xdp = 2,
+    /// cgroup socket hooks: connect/sendmsg/recvmsg of host-network processes.
+    Sock = 3,
+    /// tc ingress of the node's external interfaces: what XDP passed on (or everything,
+    /// with XDP off).
+    FromNetdev = 4,
+    /// tc egress of the node's external interfaces: SNAT (masquerade, NodePort flows sent
+    /// to another node) and the reverse NAT of replies to external clients.
+    ToNetdev = 5,
 }
 
 impl Hook {
-    pub const COUNT: u32 = 2;
-    /// Hooks the `COUNTERS` array is sized for: the two tc hooks, XDP and socket.
-    pub const SLOTS: u32 = 4;
+    pub const COUNT: u32 = 6;
+    /// Hooks the `COUNTERS` array is sized for.
+    pub const SLOTS: u32 = 8;
 
-    pub const ALL: [Hook; Self::COUNT as usize] = [Self::FromPod, Self::ToPod];
+    pub const ALL: [Hook; Self::COUNT as usize] =
+        [Self::FromPod, Self::ToPod, Self::Xdp, Self::Sock, Self::FromNetdev, Self::ToNetdev];
 
     pub const fn from_index(i: u32) -> Option<Self> {
         if i < Self::COUNT { Some(Self::ALL[i as usize]) } else { None }
     }
 
-    /// Stable label: the name of the program (`maps::names::PROG_*`).
+    /// Stable label: the name of the program (`maps::names::PROG_*`; `sock` for the socket
+    /// hooks, which are several programs).
     pub const fn name(self) -> &'static str {
         match self {
             Self::FromPod => "from_pod",
             Self::ToPod => "to_pod",
+            Self::Xdp => "xdp_netdev",
+            Self::Sock => "sock",
+            Self::FromNetdev => "from_netdev",
+            Self::ToNetdev => "to_netdev",
         }
     }
 }
