@@ -23,6 +23,7 @@ pub mod desired;
 pub mod events;
 pub mod flowlog;
 pub mod health;
+pub mod healthcheck;
 pub mod index;
 pub mod inspect;
 pub mod metrics;
