@@ -123,7 +123,8 @@ fn connections_survive_agent_kills_and_restarts() {
         c.tcp_ask("demo", "client", http, TIMEOUT).is_ok()
     });
     c.wait_until("every pod interface runs pinned programs", CONVERGE, || {
-        link_programs(&c.pins()).len() == 2 * 4
+        // Two tc links per pod veth, and the socket LB's cgroup links (same restart rules).
+        link_programs(&c.pins()).len() == 2 * 4 + nodeplane_agent::socklb::HOOKS.len()
     });
     let synced = c.agent_log().matches("datapath synced").count();
     let mut held: Vec<Held> = (0..HELD).map(|_| Held::open(&c)).collect();
@@ -216,9 +217,15 @@ fn uninstall_leaves_no_program_map_link_or_pin() {
         c.tcp_ask("demo", "client", http, TIMEOUT).is_ok()
     });
     c.wait_until("the programs are pinned", CONVERGE, || c.pins().join("progs/to_pod").exists());
+    let socklb_links = nodeplane_agent::socklb::HOOKS.len();
+    c.wait_until("the socket LB is pinned", CONVERGE, || {
+        let dir = nodeplane_agent::pin::PinDir::new(c.pins());
+        nodeplane_agent::socklb::link_pins(&dir).is_ok_and(|p| p.len() == socklb_links)
+    });
     let (maps, progs, links) = pinned_ids(&c.pins());
     assert!(
-        maps.len() >= 10 && progs.len() == 2 && links.len() == 8,
+        // 8 tc links (4 pod veths, 2 hooks) and the socket LB's cgroup links.
+        maps.len() >= 10 && progs.len() == 2 && links.len() == 8 + socklb_links,
         "{maps:?} {progs:?} {links:?}"
     );
 
