@@ -21,6 +21,7 @@ use crate::{
     datapath::{Datapath, Written},
     desired::{self, Desired, NodeContext},
     events::NodeEvents,
+    external,
     flowlog::{self, NameTables, Resolver, SharedResolver},
     health::Health,
     index::Index,
@@ -528,7 +529,10 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
     let mut announced_ready = false;
     let mut retire_warned = false;
 
-    let node = NodeContext { node_name: config.node_name.clone() };
+    let node = NodeContext {
+        node_name: config.node_name.clone(),
+        external_ip_allow: config.external.external_ip_allow.clone(),
+    };
     let mut agent = Agent::new(node, health.clone(), metrics.clone());
     agent.adopt(&written);
     drop(written);
@@ -571,7 +575,7 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
                     changed |= agent.handle(batch);
                 }
                 if changed || !in_sync {
-                    in_sync = sync(&mut agent, &mut datapath, &events, &ctgc);
+                    in_sync = sync(&mut agent, &mut datapath, &events, &ctgc, &config);
                 }
                 if !announced_ready && health.readyz().ok {
                     announced_ready = true;
@@ -579,14 +583,21 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
                     info!(services = frontends, "first full sync programmed; ready");
                     events.normal("Ready", format!("Datapath programmed with {frontends} Services"));
                     // The maps are complete: now the programs may run on them.
+                    attach_external(&mut datapath, &agent, &config);
                     attach(&mut datapath, &config.iface_prefixes, &mut retire_warned);
+                    // Host-network clients (socklb.rs): attached, or detached when off.
+                    let (on, root) = (config.socket_lb, config.cgroup_root.as_deref());
+                    if let Err(e) = crate::socklb::reconcile(&mut datapath, on, root) {
+                        warn!(error = %e, "socket LB of host-network clients");
+                    }
                 }
             }
-            _ = retry.tick(), if !in_sync => in_sync = sync(&mut agent, &mut datapath, &events, &ctgc),
+            _ = retry.tick(), if !in_sync => in_sync = sync(&mut agent, &mut datapath, &events, &ctgc, &config),
             // Not before the first full sync: a restarted agent's new programs must not run
             // on maps that do not hold the cluster yet (the last agent's programs keep
             // running on the adopted maps meanwhile).
             _ = ifaces.tick(), if announced_ready => {
+                attach_external(&mut datapath, &agent, &config);
                 attach(&mut datapath, &config.iface_prefixes, &mut retire_warned);
             }
             _ = ticks.tick() => {
@@ -655,6 +666,34 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
     }
 }
 
+/// Attaches the netdev programs to the node's external interfaces not attached yet.
+fn attach_external(datapath: &mut Datapath, agent: &Agent, config: &Config) {
+    let node_ips = agent.node.node_ips(agent.index());
+    let ifaces = match external::interfaces(&config.external.interfaces, &node_ips) {
+        Ok(ifaces) => ifaces,
+        Err(e) => {
+            warn!(error = %e, "listing the node's addresses");
+            return;
+        }
+    };
+    match datapath.attach_netdev(&ifaces) {
+        Ok(new) => {
+            for iface in new {
+                info!(%iface, "attached to external interface");
+            }
+        }
+        Err(e) => warn!(error = %e, "attaching to the external interfaces"),
+    }
+    match datapath.attach_xdp(config.external.xdp) {
+        Ok(new) => {
+            for (iface, mode) in new {
+                info!(%iface, mode, "XDP attached to external interface");
+            }
+        }
+        Err(e) => warn!(error = %e, "attaching XDP; tc handles the external interfaces alone"),
+    }
+}
+
 /// Attaches to new pod interfaces. After the first pass that attached everywhere (every
 /// pinned link runs this build's programs), retires what the old programs used
 /// ([`Datapath::finish_upgrade`], once).
@@ -691,9 +730,33 @@ fn attach(datapath: &mut Datapath, prefixes: &[String], warned: &mut bool) {
 
 /// One sync; then, if it may have taken backends from UDP frontends (or failed part-way),
 /// a conntrack flush.
-fn sync(agent: &mut Agent, datapath: &mut Datapath, events: &NodeEvents, gc: &ctgc::Gc) -> bool {
+fn sync(
+    agent: &mut Agent,
+    datapath: &mut Datapath,
+    events: &NodeEvents,
+    gc: &ctgc::Gc,
+    config: &Config,
+) -> bool {
     let started = Instant::now();
     let result = agent.sync(datapath.maps());
+    if result.is_ok() {
+        let want = external::wanted(
+            &config.external,
+            config.cluster_cidr,
+            &agent.node,
+            agent.index(),
+            &agent.desired,
+            agent.syncer.written_services(),
+        );
+        match external::write(datapath.maps(), &want) {
+            Ok(0) => {}
+            Ok(writes) => debug!(writes, "NAT and source range maps updated"),
+            Err(e) => {
+                warn!(error = %e, "writing the NAT and source range maps; retrying in 1s");
+                return false;
+            }
+        }
+    }
     match &result {
         Ok(r) if r.conntrack_flush => gc.flush(Some(agent.syncer.programmed_pairs())),
         Ok(_) => {}

@@ -111,6 +111,80 @@ pub struct RunArgs {
           value_name = "DIR")]
     pub bpffs_dir: std::path::PathBuf,
 
+    // ── socket LB (socklb.rs) ──
+    /// Translate host-network processes' connections to ClusterIPs at the socket
+    /// (`connect`/`sendmsg`), with cgroup programs on --cgroup-root; only sockets of the
+    /// agent's own network namespace are translated. `false` detaches them.
+    #[arg(long, env = "NODEPLANE_SOCKET_LB", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub socket_lb: bool,
+
+    /// The cgroup v2 directory the socket LB attaches to (its subtree is covered).
+    /// Default: the root of the cgroup2 mount (/sys/fs/cgroup on a pure v2 host,
+    /// /sys/fs/cgroup/unified in a hybrid layout).
+    #[arg(long, env = "NODEPLANE_CGROUP_ROOT", value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+    // ── end socket LB ──
+
+    // ── north-south (external.rs) ──
+    /// The node's external interfaces: NodePort, LoadBalancer and ExternalIP traffic is
+    /// translated where it enters them, egress SNAT happens where it leaves. Repeatable.
+    /// Default: every interface holding one of the node's addresses (the InternalIP and
+    /// ExternalIP of its Node object).
+    #[arg(
+        long = "external-interface",
+        env = "NODEPLANE_EXTERNAL_INTERFACES",
+        value_delimiter = ',',
+        value_name = "IFACE"
+    )]
+    pub external_interfaces: Vec<String>,
+
+    /// XDP on the external interfaces: `auto` (native where the driver has it, generic
+    /// otherwise), `native`, `generic`, or `off` (tc only).
+    #[arg(long, env = "NODEPLANE_XDP", default_value = "auto", value_name = "MODE")]
+    pub xdp: XdpMode,
+
+    /// Masquerade pods' traffic leaving the cluster (SNAT to the node IP).
+    #[arg(long, env = "NODEPLANE_MASQUERADE", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub masquerade: bool,
+
+    /// Destinations pods reach with their own address, besides the cluster CIDR and every
+    /// node's podCIDR (ip-masq-agent's nonMasqueradeCIDRs). Repeatable.
+    #[arg(
+        long = "non-masquerade-cidr",
+        env = "NODEPLANE_NON_MASQUERADE_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub non_masquerade_cidrs: Vec<Ipv4Cidr>,
+
+    /// Ports SNATed flows get. Must not overlap the NodePort range (30000-32767) nor the
+    /// node's ip_local_port_range (32768-60999 by default).
+    #[arg(long, env = "NODEPLANE_MASQUERADE_PORT_RANGE", default_value = "61000-65535",
+          value_parser = parse_port_range, value_name = "MIN-MAX")]
+    pub masquerade_port_range: (u16, u16),
+
+    /// Program a Service's externalIPs only inside these prefixes (repeatable). Without it
+    /// every externalIP is programmed, as kube-proxy does; with it a user who may create
+    /// Services cannot capture arbitrary addresses (CVE-2020-8554).
+    #[arg(
+        long = "external-ip-cidr",
+        env = "NODEPLANE_EXTERNAL_IP_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub external_ip_cidrs: Vec<Ipv4Cidr>,
+
+    /// Address the healthCheckNodePort servers listen on.
+    #[arg(
+        long,
+        env = "NODEPLANE_HEALTH_CHECK_BIND_ADDRESS",
+        default_value = "0.0.0.0",
+        value_name = "IP"
+    )]
+    pub health_check_bind_address: std::net::IpAddr,
+    // ── end north-south ──
     /// Capacity of the service conntrack table (`CT_V4`, an LRU: two entries per flow).
     /// Changing it on a running node creates a new table at the next start and copies the
     /// live flows into it, so established connections survive.
@@ -201,6 +275,8 @@ struct FileConfig {
     bpffs_dir: Option<String>,
     conntrack_entries: Option<u32>,
     state_dir: Option<String>,
+    socket_lb: Option<bool>,
+    cgroup_root: Option<PathBuf>,
     flow_log: Option<String>,
     flow_log_allowed: Option<bool>,
     flow_log_rate: Option<u32>,
@@ -214,6 +290,42 @@ pub enum Source {
     Files { dir: PathBuf, poll_interval: Duration },
     /// The API server: from a kubeconfig file, or in-cluster.
     Api { kubeconfig: Option<PathBuf> },
+}
+
+/// `--xdp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// Native where the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Generic,
+    /// No XDP: tc does everything.
+    Off,
+}
+
+/// `MIN-MAX`, 1 <= MIN <= MAX.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not MIN-MAX"))?;
+    let min: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let max: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    if min == 0 || min > max {
+        return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok((min, max))
+}
+
+/// The north-south settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExternalConfig {
+    /// Empty: the interfaces holding the node's addresses.
+    pub interfaces: Vec<String>,
+    pub xdp: XdpMode,
+    pub masquerade: bool,
+    pub non_masquerade_cidrs: Vec<Ipv4Cidr>,
+    pub port_range: (u16, u16),
+    /// `None`: every externalIP is programmed.
+    pub external_ip_allow: Option<Vec<Ipv4Cidr>>,
+    pub health_check_bind: std::net::IpAddr,
 }
 
 /// The resolved settings.
@@ -240,6 +352,12 @@ pub struct Config {
     pub state_dir: std::path::PathBuf,
     /// `None`: no flow log (`--flow-log` not given or empty).
     pub flow_log: Option<FlowLogConfig>,
+    /// NodePort, LoadBalancer, ExternalIPs, masquerade, XDP.
+    pub external: ExternalConfig,
+    /// The socket LB of host-network clients ([`crate::socklb`]) is on.
+    pub socket_lb: bool,
+    /// `--cgroup-root`; `None`: the cgroup2 mount's root.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// The NetworkPolicy verdict log's settings ([`crate::flowlog`]).
@@ -315,6 +433,8 @@ impl Config {
         from_file!(bpffs_dir, "bpffsDir", |v| Ok(std::path::PathBuf::from(v)));
         from_file!(conntrack_entries, "conntrackEntries", |v| ct_entries(v));
         from_file!(state_dir, "stateDir", |v| Ok(std::path::PathBuf::from(v)));
+        from_file!(socket_lb, "socketLb", |v| Ok(v));
+        from_file!(cgroup_root, "cgroupRoot", |v| Ok(Some(v)));
         from_file!(flow_log, "flowLog", |v| Ok(Some(v)));
         from_file!(flow_log_allowed, "flowLogAllowed", |v| Ok(v));
         from_file!(flow_log_rate, "flowLogRate", |v| Ok(v));
@@ -352,7 +472,23 @@ impl Config {
             rate: args.flow_log_rate,
             burst: flow_log_burst,
         });
+        let (min, max) = args.masquerade_port_range;
+        anyhow::ensure!(
+            max < 30_000 || min > 32_767,
+            "--masquerade-port-range {min}-{max} overlaps the NodePort range 30000-32767"
+        );
+        let external = ExternalConfig {
+            interfaces: args.external_interfaces.into_iter().filter(|i| !i.is_empty()).collect(),
+            xdp: args.xdp,
+            masquerade: args.masquerade,
+            non_masquerade_cidrs: args.non_masquerade_cidrs,
+            port_range: args.masquerade_port_range,
+            external_ip_allow: (!args.external_ip_cidrs.is_empty())
+                .then_some(args.external_ip_cidrs),
+            health_check_bind: args.health_check_bind_address,
+        };
         Ok(Self {
+            external,
             source,
             node_name,
             cluster_cidr: args.cluster_cidr,
@@ -368,6 +504,8 @@ impl Config {
             conntrack_entries: args.conntrack_entries,
             state_dir: args.state_dir,
             flow_log,
+            socket_lb: args.socket_lb,
+            cgroup_root: args.cgroup_root.filter(|p| !p.as_os_str().is_empty()),
         })
     }
 }
@@ -628,5 +766,21 @@ mod tests {
             assert!(help.contains(flag), "{flag} missing from:\n{help}");
             assert!(help.contains(&format!("[env: {env}")), "{env} missing from:\n{help}");
         }
+    }
+
+    // ── socket LB ──
+    #[test]
+    fn socket_lb_is_on_by_default_and_turns_off() {
+        let c = resolve(&["--node-name=n"], "").unwrap();
+        assert!(c.socket_lb);
+        assert_eq!(c.cgroup_root, None);
+        let c = resolve(&["--node-name=n", "--socket-lb=false", "--cgroup-root=/cg"], "").unwrap();
+        assert!(!c.socket_lb);
+        assert_eq!(c.cgroup_root.as_deref(), Some(Path::new("/cg")));
+        let c = resolve(&["--node-name=n"], "socketLb: false\ncgroupRoot: /x\n").unwrap();
+        assert!(!c.socket_lb);
+        assert_eq!(c.cgroup_root.as_deref(), Some(Path::new("/x")));
+        let c = resolve(&["--node-name=n", "--socket-lb=true"], "socketLb: false\n").unwrap();
+        assert!(c.socket_lb, "the flag wins");
     }
 }

@@ -809,6 +809,7 @@ mod tests {
             draining: Vec::new(),
             session_affinity: crate::model::SessionAffinity::None,
             no_local_endpoints: false,
+            external: None,
         }
     }
 

@@ -15,9 +15,10 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
 };
 use nodeplane_common::{
@@ -25,6 +26,7 @@ use nodeplane_common::{
         AffinityKeyV4, AffinityValueV4, BackendV4, Counter, CtKeyV4, CtValueV4, ServiceKeyV4,
         ServiceValue, SlotKey, names,
     },
+    nat::{NatConfig, NatValueV4, NoMasqV4, SourceRangeV4},
     policy::{
         EndpointV4, FragKeyV4, FragValueV4, IpcacheKeyV4, PolicyConfig, PolicyCounterKey,
         PolicyCtKey, PolicyCtValue, PolicyKey, PolicyValue,
@@ -35,6 +37,7 @@ use nodeplane_common::{
 use tracing::{info, warn};
 
 use crate::{
+    config::XdpMode,
     model::Ipv4Cidr,
     pin::{self, Hook as LinkHook, Layout, MapPin, PinDir, PinError},
     policy::{PolicyOp, PolicyWriteError, PolicyWriter},
@@ -78,6 +81,10 @@ pub struct Datapath {
     /// Interfaces the programs are attached to, by name and index (a pod interface deleted
     /// and re-created under the same name is a new interface).
     attached: BTreeSet<(String, u32)>,
+    /// External interfaces the netdev programs are attached to, by name and index.
+    attached_netdev: BTreeSet<(String, u32)>,
+    /// Those running `xdp_netdev` too.
+    attached_xdp: BTreeSet<(String, u32)>,
     pins: Option<Pinned>,
 }
 
@@ -140,6 +147,14 @@ pub struct Maps {
     pub flow_event_counters: PerCpuArray<MapData, u64>,
     /// The `FLOW_EVENTS` ring buffer until the flow-log reader takes it.
     flow_events: Option<RingBuf<MapData>>,
+    /// SNAT table (an LRU written by the datapath; read here for tests and `inspect`).
+    pub nat: HashMap<MapData, CtKeyV4, NatValueV4>,
+    /// One element: node IP, port range, masquerade.
+    pub nat_config: Array<MapData, NatConfig>,
+    /// Destinations reached without masquerade.
+    pub no_masq: LpmTrie<MapData, NoMasqV4, u8>,
+    /// `loadBalancerSourceRanges` by frontend id.
+    pub source_ranges: LpmTrie<MapData, SourceRangeV4, u8>,
 }
 
 /// Policy verdict counters summed over CPUs.
@@ -162,12 +177,18 @@ impl Datapath {
     /// Loads with a caller-prepared loader (tests shrink map sizes, later versions pin).
     pub fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self, DatapathError> {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for name in PROGRAMS.map(|(name, _)| name) {
+        for name in PROGRAMS.iter().chain(&NETDEV_PROGRAMS).map(|(name, _)| *name) {
             classifier_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
+        let name = names::PROG_XDP_NETDEV;
+        xdp_mut(&mut ebpf)?.load().map_err(|source| DatapathError::Program { name, source })?;
         let maps = Maps {
+            nat: take_map(&mut ebpf, names::NAT_V4)?,
+            nat_config: take_map(&mut ebpf, names::NAT_CONFIG)?,
+            no_masq: take_map(&mut ebpf, names::NO_MASQ_V4)?,
+            source_ranges: take_map(&mut ebpf, names::SOURCE_RANGES_V4)?,
             services: take_map(&mut ebpf, names::SERVICES_V4)?,
             slots: take_map(&mut ebpf, names::BACKEND_SLOTS)?,
             backends: take_map(&mut ebpf, names::BACKENDS_V4)?,
@@ -185,7 +206,14 @@ impl Datapath {
             flow_event_counters: take_map(&mut ebpf, names::FLOW_EVENT_COUNTERS)?,
             flow_events: Some(take_map(&mut ebpf, names::FLOW_EVENTS)?),
         };
-        Ok(Self { ebpf, maps, attached: BTreeSet::new(), pins: None })
+        Ok(Self {
+            ebpf,
+            maps,
+            attached: BTreeSet::new(),
+            attached_netdev: BTreeSet::new(),
+            attached_xdp: BTreeSet::new(),
+            pins: None,
+        })
     }
 
     /// Loads the embedded object onto the maps pinned under `dir`, creating (and pinning)
@@ -403,6 +431,130 @@ impl Datapath {
     /// Counters summed over CPUs, one per hook and reason.
     pub fn counters(&self) -> Result<Vec<(CounterHook, Reason, Counter)>, DatapathError> {
         self.maps.counters()
+    }
+
+    /// Attaches [`NETDEV_PROGRAMS`] to each of `ifaces` (the node's external interfaces)
+    /// present and not attached yet, pinned like the pod interfaces' links. Returns the
+    /// newly attached names; a name that does not exist is skipped (it may appear later).
+    pub fn attach_netdev(&mut self, ifaces: &[String]) -> Result<Vec<String>, DatapathError> {
+        let present = interfaces().map_err(DatapathError::Interfaces)?;
+        self.attached_netdev.retain(|(n, i)| present.get(n) == Some(i));
+        self.attached_xdp.retain(|(n, i)| present.get(n) == Some(i));
+        let mut new = Vec::new();
+        for name in ifaces {
+            let Some(index) = present.get(name).copied() else { continue };
+            let key = (name.clone(), index);
+            if self.attached_netdev.contains(&key) {
+                continue;
+            }
+            for (prog, hook) in NETDEV_PROGRAMS {
+                self.attach_one(name, index, prog, hook)?;
+            }
+            self.attached_netdev.insert(key);
+            new.push(name.clone());
+        }
+        Ok(new)
+    }
+
+    /// Attaches `xdp_netdev` to the external interfaces the netdev programs run on (call
+    /// after [`Datapath::attach_netdev`]), in `mode`; with [`XdpMode::Off`] detaches it.
+    /// Returns `(interface, the mode it runs in)` for each new attachment. `Auto` tries
+    /// native (driver) mode and falls back to generic.
+    pub fn attach_xdp(
+        &mut self,
+        mode: XdpMode,
+    ) -> Result<Vec<(String, &'static str)>, DatapathError> {
+        let mut new = Vec::new();
+        let targets: Vec<(String, u32)> = self.attached_netdev.iter().cloned().collect();
+        if mode == XdpMode::Off {
+            if let Some(pinned) = &mut self.pins {
+                for link in pinned.dir.link_pins()? {
+                    if link.hook == LinkHook::Xdp {
+                        remove_pin(&link.path)?;
+                        pinned.links.remove(&link.path);
+                    }
+                }
+            }
+            self.attached_xdp.clear();
+            return Ok(new);
+        }
+        for (iface, ifindex) in targets {
+            if self.attached_xdp.contains(&(iface.clone(), ifindex)) {
+                continue;
+            }
+            let how = self.attach_xdp_one(&iface, ifindex, mode)?;
+            self.attached_xdp.insert((iface.clone(), ifindex));
+            new.push((iface, how));
+        }
+        Ok(new)
+    }
+
+    fn attach_xdp_one(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: XdpMode,
+    ) -> Result<&'static str, DatapathError> {
+        let attach_err = |source| DatapathError::Attach { iface: iface.to_string(), source };
+        let program = xdp_mut(&mut self.ebpf)?;
+        let path = self.pins.as_ref().map(|p| p.dir.link(iface, ifindex, LinkHook::Xdp));
+        if let Some(path) = path.as_ref().filter(|p| p.exists()) {
+            let link_err = |source| DatapathError::Link { path: path.clone(), source };
+            let link = PinnedLink::from_pin(path).map_err(link_err)?;
+            let link = XdpLink::try_from(FdLink::from(link)).map_err(link_err)?;
+            match program.attach_to_link(link) {
+                Ok(id) => {
+                    drop(program.take_link(id).map_err(attach_err)?);
+                    if let Some(pinned) = &mut self.pins {
+                        pinned.links.insert(path.clone());
+                    }
+                    return Ok("pinned");
+                }
+                Err(e) => {
+                    warn!(%iface, error = %e, "replacing the program of a pinned XDP link failed");
+                    remove_pin(path)?;
+                }
+            }
+        }
+        let tries: &[(aya::programs::XdpMode, &'static str)] = match mode {
+            XdpMode::Native => &[(aya::programs::XdpMode::Driver, "native")],
+            XdpMode::Generic => &[(aya::programs::XdpMode::Skb, "generic")],
+            _ => &[
+                (aya::programs::XdpMode::Driver, "native"),
+                (aya::programs::XdpMode::Skb, "generic"),
+            ],
+        };
+        let mut last = None;
+        for (flags, how) in tries {
+            match program.attach_to_if_index(ifindex, *flags) {
+                Ok(id) => {
+                    let link = program.take_link(id).map_err(attach_err)?;
+                    if let Some(path) = path {
+                        let link_err = |source| DatapathError::Link { path: path.clone(), source };
+                        let link = FdLink::try_from(link).map_err(link_err)?;
+                        link.pin(&path).map_err(|source| DatapathError::PinObject {
+                            what: "a link",
+                            path: path.clone(),
+                            source,
+                        })?;
+                        if let Some(pinned) = &mut self.pins {
+                            pinned.links.insert(path);
+                        }
+                    } else {
+                        // Unpinned: the link lives as long as this process.
+                        std::mem::forget(link);
+                    }
+                    return Ok(how);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(attach_err(last.expect("at least one mode tried")))
+    }
+
+    /// The external interfaces the netdev programs run on.
+    pub fn netdev_interfaces(&self) -> impl Iterator<Item = &(String, u32)> {
+        self.attached_netdev.iter()
     }
 }
 
@@ -733,6 +885,13 @@ impl MapWriter for Maps {
     }
 }
 
+/// The programs of the node's external interfaces: ingress translates what enters the
+/// cluster, egress SNATs what leaves it (`dataplane-ebpf/src/netdev.rs`).
+pub const NETDEV_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (names::PROG_FROM_NETDEV, TcAttachType::Ingress),
+    (names::PROG_TO_NETDEV, TcAttachType::Egress),
+];
+
 /// The programs and where they attach on a pod's host-side veth: ingress is what the pod
 /// sends, egress what it receives.
 pub const PROGRAMS: [(&str, TcAttachType); 2] =
@@ -742,6 +901,17 @@ fn classifier_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn xdp_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
+    let name = names::PROG_XDP_NETDEV;
     ebpf.program_mut(name)
         .ok_or(DatapathError::Program {
             name,
@@ -809,5 +979,22 @@ pub fn interfaces() -> std::io::Result<BTreeMap<String, u32>> {
         }
         libc::if_freenameindex(head);
         Ok(names)
+    }
+}
+
+// ── socket LB (socklb.rs): what it needs of the loaded object and the pin bookkeeping ──
+impl Datapath {
+    /// The loaded object: `socklb` loads and attaches its cgroup programs from it and
+    /// writes `SOCK_CONFIG`.
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Records a link pin this process attached, so that [`Datapath::finish_upgrade`]
+    /// never retires it.
+    pub(crate) fn keep_link(&mut self, path: PathBuf) {
+        if let Some(pinned) = &mut self.pins {
+            pinned.links.insert(path);
+        }
     }
 }

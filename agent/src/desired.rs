@@ -56,7 +56,7 @@ use nodeplane_common::maps::{
 
 use crate::{
     index::{Dirty, Index},
-    model::{Endpoint, Protocol, Service, ServicePort, SessionAffinity},
+    model::{Endpoint, Ipv4Cidr, Protocol, Service, ServicePort, SessionAffinity},
     source::ObjectKey,
 };
 
@@ -80,10 +80,43 @@ pub struct Frontend {
     pub draining: Vec<BackendV4>,
     /// The Service's `sessionAffinity` (rule 8), written into the frontend's entry.
     pub session_affinity: SessionAffinity,
-    /// `internalTrafficPolicy: Local`, no usable endpoint on this node, and some on other
+    /// `internalTrafficPolicy: Local` (or, for an external frontend,
+    /// `externalTrafficPolicy: Local`), no usable endpoint on this node, and some on other
     /// nodes: the datapath drops new flows (kube-proxy's DROP) instead of rejecting them
     /// as it does for a Service without any endpoint.
     pub no_local_endpoints: bool,
+    /// `Some` for a NodePort, LoadBalancer or ExternalIP frontend (rule 9).
+    pub external: Option<ExternalFrontend>,
+}
+
+/// What makes a frontend north-south.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalFrontend {
+    pub kind: ExternalKind,
+    /// `externalTrafficPolicy: Local` applied: the backends are this node's endpoints.
+    pub traffic_policy_local: bool,
+    /// `loadBalancerSourceRanges` (LoadBalancer IPs only); empty admits every source.
+    pub source_ranges: Vec<Ipv4Cidr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ExternalKind {
+    /// `nodePort` on one of this node's addresses.
+    NodePort,
+    /// `status.loadBalancer.ingress[].ip`.
+    LoadBalancer,
+    /// `spec.externalIPs`.
+    ExternalIp,
+}
+
+impl ExternalKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ExternalKind::NodePort => "NodePort",
+            ExternalKind::LoadBalancer => "LoadBalancer",
+            ExternalKind::ExternalIp => "ExternalIP",
+        }
+    }
 }
 
 /// Where the agent runs: what the node-aware rules need to know.
@@ -92,12 +125,46 @@ pub struct NodeContext {
     /// This node's name, as in `spec.nodeName` and in endpoints' `nodeName`. `None` when
     /// unknown: `internalTrafficPolicy: Local` is then treated as `Cluster`.
     pub node_name: Option<String>,
+    /// The prefixes `spec.externalIPs` must fall in to be programmed (`--external-ip-cidr`,
+    /// against CVE-2020-8554); `None` admits every address, as kube-proxy does.
+    pub external_ip_allow: Option<Vec<Ipv4Cidr>>,
 }
 
 impl NodeContext {
     pub fn named(node_name: impl Into<String>) -> Self {
-        Self { node_name: Some(node_name.into()) }
+        Self { node_name: Some(node_name.into()), external_ip_allow: None }
     }
+
+    /// The node's IPv4 addresses NodePorts are served on: the `InternalIP` and `ExternalIP`
+    /// addresses of its Node object, sorted. Empty without a node name or Node object.
+    pub fn node_ips(&self, index: &Index) -> Vec<Ipv4Addr> {
+        let Some(node) = self.node_name.as_deref().and_then(|n| index.node(n)) else {
+            return Vec::new();
+        };
+        let mut ips: Vec<Ipv4Addr> = node
+            .addresses
+            .iter()
+            .filter(|a| a.kind == "InternalIP" || a.kind == "ExternalIP")
+            .filter_map(|a| match a.addr {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+
+    fn external_ip_allowed(&self, ip: Ipv4Addr) -> bool {
+        self.external_ip_allow.as_ref().is_none_or(|allow| allow.iter().any(|c| c.contains(ip)))
+    }
+}
+
+/// What the external frontends of every Service depend on besides the Service: computed
+/// once per pass.
+struct ExternalCtx<'a> {
+    node: &'a NodeContext,
+    node_ips: Vec<Ipv4Addr>,
 }
 
 /// Which endpoints a Service's frontends draw from (`spec.internalTrafficPolicy`).
@@ -155,9 +222,10 @@ fn compute_with(
 ) -> Desired {
     let mut desired = Desired::default();
     let vips = cluster_ips(index);
+    let ext = ExternalCtx { node, node_ips: node.node_ips(index) };
     for service in index.services() {
         let scope = Scope::new(policy_local(service), node);
-        add_service(&mut desired, index, service, scope, &vips);
+        add_service(&mut desired, index, service, scope, &ext, &vips);
     }
     desired.skipped.sort();
     desired.skipped.dedup();
@@ -170,9 +238,11 @@ fn add_service(
     index: &Index,
     service: &Service,
     scope: Scope<'_>,
+    ext: &ExternalCtx<'_>,
     vips: &BTreeMap<Ipv4Addr, &ObjectKey>,
 ) {
-    let frontends = match service_frontends(index, service, scope, vips, &mut desired.skipped) {
+    let frontends = match service_frontends(index, service, scope, ext, vips, &mut desired.skipped)
+    {
         Ok(frontends) => frontends,
         Err(reason) => {
             desired.skipped.push((service.key.clone(), reason));
@@ -223,6 +293,7 @@ pub fn update(
         return Some(BTreeSet::new());
     }
     let vips = cluster_ips(index);
+    let ext = ExternalCtx { node, node_ips: node.node_ips(index) };
     let mut changed = BTreeSet::new();
     for key in &dirty.services {
         // A Service that is gone (or never was) has no frontends: deleting one is a Service
@@ -231,7 +302,7 @@ pub fn update(
         // Its frontend keys follow from the Service alone, which has not changed; the ones
         // it holds are those not lost to another Service.
         let mut old: BTreeMap<ServiceKeyV4, Frontend> = BTreeMap::new();
-        for k in frontend_keys(service) {
+        for k in frontend_keys(service, &ext) {
             if let Entry::Occupied(f) = desired.frontends.entry(k)
                 && f.get().service == *key
             {
@@ -240,8 +311,8 @@ pub fn update(
         }
         desired.skipped.retain(|(service, _)| service != key);
         let scope = Scope::new(service.internal_traffic_policy_local, node);
-        add_service(desired, index, service, scope, &vips);
-        for k in frontend_keys(service) {
+        add_service(desired, index, service, scope, &ext, &vips);
+        for k in frontend_keys(service, &ext) {
             let now = desired.frontends.get(&k).filter(|f| f.service == *key);
             if now != old.get(&k) {
                 changed.insert(k);
@@ -259,32 +330,16 @@ fn service_frontends(
     index: &Index,
     service: &Service,
     scope: Scope<'_>,
+    ext: &ExternalCtx<'_>,
     vips: &BTreeMap<Ipv4Addr, &ObjectKey>,
     notes: &mut Vec<(ObjectKey, String)>,
 ) -> Result<Vec<(ServiceKeyV4, Frontend)>, String> {
+    // Rule 9: external traffic follows `externalTrafficPolicy`, not the internal one.
+    let external_scope = Scope::new(service.external.traffic_policy_local, ext.node);
     let mut out = Vec::new();
     for port in &service.ports {
-        let (mut backends, mut draining) = backends_for(index, service, port, scope);
-        backends.retain(|b| {
-            let addr = Ipv4Addr::from(b.addr);
-            let Some(owner) = vips.get(&addr) else { return true };
-            notes.push((
-                service.key.clone(),
-                format!("endpoint {addr} is the ClusterIP of {owner}; not used as a backend"),
-            ));
-            false
-        });
-        draining.retain(|b| !vips.contains_key(&Ipv4Addr::from(b.addr)));
-        let no_local_endpoints = backends.is_empty()
-            && matches!(scope, Scope::Node(_))
-            && !backends_for(index, service, port, Scope::Cluster).0.is_empty();
-        if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
-            return Err(format!(
-                "port {} has {} backends, more than the datapath's {MAX_BACKENDS_PER_SERVICE}",
-                display_port(port),
-                backends.len()
-            ));
-        }
+        let (backends, draining, no_local_endpoints) =
+            usable_backends(index, service, port, scope, vips, notes)?;
         for key in port_keys(service, port) {
             let frontend = Frontend {
                 service: service.key.clone(),
@@ -293,11 +348,86 @@ fn service_frontends(
                 draining: draining.clone(),
                 session_affinity: service.session_affinity,
                 no_local_endpoints,
+                external: None,
+            };
+            out.push((key, frontend));
+        }
+        let external = external_keys(service, port, ext).peekable();
+        let mut external = external.peekable();
+        if external.peek().is_none() {
+            continue;
+        }
+        let (backends, draining, no_local_endpoints) = if external_scope == scope {
+            (backends, draining, no_local_endpoints)
+        } else {
+            usable_backends(index, service, port, external_scope, vips, &mut Vec::new())?
+        };
+        for (key, kind) in external {
+            let source_ranges = match kind {
+                ExternalKind::LoadBalancer => service.external.source_ranges.clone(),
+                _ => Vec::new(),
+            };
+            let frontend = Frontend {
+                service: service.key.clone(),
+                port_name: port.name.clone(),
+                backends: backends.clone(),
+                draining: draining.clone(),
+                session_affinity: service.session_affinity,
+                no_local_endpoints,
+                external: Some(ExternalFrontend {
+                    kind,
+                    traffic_policy_local: matches!(external_scope, Scope::Node(_)),
+                    source_ranges,
+                }),
             };
             out.push((key, frontend));
         }
     }
+    if ext.node.external_ip_allow.is_some() {
+        for ip in &service.external.external_ips {
+            if !ext.node.external_ip_allowed(*ip) {
+                notes.push((
+                    service.key.clone(),
+                    format!("externalIP {ip} is outside --external-ip-cidr; not programmed"),
+                ));
+            }
+        }
+    }
     Ok(out)
+}
+
+/// The backends of one ServicePort in `scope` (rules 2 to 7): usable, draining, and
+/// whether only this node lacks endpoints.
+fn usable_backends(
+    index: &Index,
+    service: &Service,
+    port: &ServicePort,
+    scope: Scope<'_>,
+    vips: &BTreeMap<Ipv4Addr, &ObjectKey>,
+    notes: &mut Vec<(ObjectKey, String)>,
+) -> Result<(Vec<BackendV4>, Vec<BackendV4>, bool), String> {
+    let (mut backends, mut draining) = backends_for(index, service, port, scope);
+    backends.retain(|b| {
+        let addr = Ipv4Addr::from(b.addr);
+        let Some(owner) = vips.get(&addr) else { return true };
+        notes.push((
+            service.key.clone(),
+            format!("endpoint {addr} is the ClusterIP of {owner}; not used as a backend"),
+        ));
+        false
+    });
+    draining.retain(|b| !vips.contains_key(&Ipv4Addr::from(b.addr)));
+    let no_local_endpoints = backends.is_empty()
+        && matches!(scope, Scope::Node(_))
+        && !backends_for(index, service, port, Scope::Cluster).0.is_empty();
+    if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+        return Err(format!(
+            "port {} has {} backends, more than the datapath's {MAX_BACKENDS_PER_SERVICE}",
+            display_port(port),
+            backends.len()
+        ));
+    }
+    Ok((backends, draining, no_local_endpoints))
 }
 
 /// The frontend keys of one ServicePort: one per ClusterIP.
@@ -309,9 +439,37 @@ fn port_keys<'s>(
     service.cluster_ips_v4.iter().map(move |vip| ServiceKeyV4::new(vip.octets(), port.port, proto))
 }
 
-/// Every frontend key of a Service: ClusterIPs x ports.
-fn frontend_keys(service: &Service) -> impl Iterator<Item = ServiceKeyV4> + '_ {
-    service.ports.iter().flat_map(|port| port_keys(service, port))
+/// The external frontend keys of one ServicePort (rule 9): its nodePort on every node
+/// address, its port on every LoadBalancer ingress IP and every allowed external IP.
+fn external_keys<'s>(
+    service: &'s Service,
+    port: &'s ServicePort,
+    ext: &'s ExternalCtx<'_>,
+) -> impl Iterator<Item = (ServiceKeyV4, ExternalKind)> + 's {
+    let proto = port.protocol.ipproto();
+    let node_ports = port.node_port.into_iter().flat_map(move |np| {
+        ext.node_ips
+            .iter()
+            .map(move |ip| (ServiceKeyV4::new(ip.octets(), np, proto), ExternalKind::NodePort))
+    });
+    let lb = service.external.lb_ingress_ips.iter().map(move |ip| {
+        (ServiceKeyV4::new(ip.octets(), port.port, proto), ExternalKind::LoadBalancer)
+    });
+    let eips =
+        service.external.external_ips.iter().filter(|ip| ext.node.external_ip_allowed(**ip)).map(
+            move |ip| (ServiceKeyV4::new(ip.octets(), port.port, proto), ExternalKind::ExternalIp),
+        );
+    node_ports.chain(lb).chain(eips)
+}
+
+/// Every frontend key of a Service: ClusterIPs x ports, then the external ones.
+fn frontend_keys<'s>(
+    service: &'s Service,
+    ext: &'s ExternalCtx<'_>,
+) -> impl Iterator<Item = ServiceKeyV4> + 's {
+    service.ports.iter().flat_map(move |port| {
+        port_keys(service, port).chain(external_keys(service, port, ext).map(|(k, _)| k))
+    })
 }
 
 /// `10.96.0.10:53/UDP`, for messages about a frontend.
@@ -752,7 +910,7 @@ mod tests {
 
     /// Services named in `local` have `internalTrafficPolicy: Local`.
     fn compute_local(index: &Index, node: Option<&str>, local: &[&str]) -> Desired {
-        let node = NodeContext { node_name: node.map(str::to_string) };
+        let node = NodeContext { node_name: node.map(str::to_string), external_ip_allow: None };
         compute_with(index, &node, &|s: &Service| local.contains(&s.key.name.as_str()))
     }
 

@@ -172,7 +172,12 @@ impl Index {
                 self.dirty.policy_inputs |= changed;
                 changed
             }
-            Object::Node(node) => store(&mut self.nodes, &key, Some(convert_node(&key, node))),
+            Object::Node(node) => {
+                let changed = store(&mut self.nodes, &key, Some(convert_node(&key, node)));
+                // NodePorts live on the node's addresses; masquerade on its pod CIDR.
+                self.dirty.all |= changed;
+                changed
+            }
             Object::NetworkPolicy(np) => {
                 let (model, issues) = convert_policy(&key, np.spec.as_ref());
                 skips.extend(issues.into_iter().map(SkipReason::InvalidPolicyPart));
@@ -196,7 +201,11 @@ impl Index {
             Kind::EndpointSlice => self.store_slice(key, None),
             Kind::Pod => store(&mut self.pods, key, None),
             Kind::Namespace => store(&mut self.namespaces, key, None),
-            Kind::Node => store(&mut self.nodes, key, None),
+            Kind::Node => {
+                let changed = store(&mut self.nodes, key, None);
+                self.dirty.all |= changed;
+                changed
+            }
             Kind::NetworkPolicy => store(&mut self.network_policies, key, None),
         };
         if matches!(kind, Kind::Pod | Kind::Namespace | Kind::NetworkPolicy) {

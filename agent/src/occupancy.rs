@@ -325,6 +325,7 @@ mod tests {
                     draining: Vec::new(),
                     session_affinity: crate::model::SessionAffinity::None,
                     no_local_endpoints: false,
+                    external: None,
                 };
                 (key, frontend)
             })

@@ -71,11 +71,12 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> P
     move |source| PinError::Io { what, path: path.to_path_buf(), source }
 }
 
-/// A tc hook of a pod interface.
+/// Where a link attaches on an interface: a tc hook, or XDP (external interfaces).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
     Ingress,
     Egress,
+    Xdp,
 }
 
 impl Hook {
@@ -83,6 +84,7 @@ impl Hook {
         match self {
             Hook::Ingress => "ingress",
             Hook::Egress => "egress",
+            Hook::Xdp => "xdp",
         }
     }
 }
@@ -299,6 +301,7 @@ impl PinDir {
             let hook = match hook {
                 "ingress" => Hook::Ingress,
                 "egress" => Hook::Egress,
+                "xdp" => Hook::Xdp,
                 _ => continue,
             };
             let Some((iface, ifindex)) = rest.rsplit_once('@') else { continue };

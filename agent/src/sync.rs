@@ -41,13 +41,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use nodeplane_common::maps::{
     BackendV4, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, SVC_F_AFFINITY, SVC_F_DROP_EMPTY,
-    SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey,
+    SVC_F_ETP_LOCAL, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES, SVC_F_VIP_MARKER, ServiceKeyV4,
+    ServiceValue, SlotKey,
 };
 
-use crate::{
-    desired::{Desired, Frontend, describe},
-    model::SessionAffinity,
-};
+use crate::desired::{Desired, Frontend, describe};
 
 /// One write to the datapath maps. A plan is a `Vec<Op>` whose every prefix leaves the
 /// maps consistent: every `backend_count` of a service has its slots, every slot names an
@@ -145,20 +143,24 @@ pub const VIP_MARKER_VALUE: ServiceValue = ServiceValue {
 };
 
 /// The `SERVICES_V4` value of frontend `id` with `count` slots: [`SVC_F_AFFINITY`] and the
-/// timeout for `sessionAffinity: ClientIP`. A change of affinity changes the value, so the
-/// plan rewrites the entry (and only it).
-pub fn service_value(
-    id: u32,
-    count: u32,
-    affinity: SessionAffinity,
-    no_local_endpoints: bool,
-) -> ServiceValue {
-    let (mut flags, affinity_timeout_s) = match affinity.timeout_s() {
+/// timeout for `sessionAffinity: ClientIP`, the drop and external flags. A change of any
+/// of them changes the value, so the plan rewrites the entry (and only it).
+pub fn service_value(id: u32, count: u32, frontend: &Frontend) -> ServiceValue {
+    let (mut flags, affinity_timeout_s) = match frontend.session_affinity.timeout_s() {
         Some(t) => (SVC_F_AFFINITY, t),
         None => (0, 0),
     };
-    if no_local_endpoints {
+    if frontend.no_local_endpoints {
         flags |= SVC_F_DROP_EMPTY;
+    }
+    if let Some(external) = &frontend.external {
+        flags |= SVC_F_EXTERNAL;
+        if external.traffic_policy_local {
+            flags |= SVC_F_ETP_LOCAL;
+        }
+        if !external.source_ranges.is_empty() {
+            flags |= SVC_F_SOURCE_RANGES;
+        }
     }
     ServiceValue { service_id: id, backend_count: count, flags, affinity_timeout_s }
 }
@@ -181,6 +183,11 @@ impl Syncer {
 
     pub fn with_capacity(capacity: Capacity) -> Self {
         Self { capacity, ..Self::default() }
+    }
+
+    /// The `SERVICES_V4` entries written (frontends with their ids, and VIP markers).
+    pub fn written_services(&self) -> &BTreeMap<ServiceKeyV4, ServiceValue> {
+        &self.realized.services
     }
 
     /// The non-TCP (frontend, backend) pairs written, as the conntrack flush compares
@@ -450,7 +457,9 @@ impl Syncer {
                 }
             }
             frontends += 1;
-            vips.insert(key.addr);
+            if frontend.external.is_none() {
+                vips.insert(key.addr);
+            }
             slots += frontend_slots as u64;
             sel.frontends.push((*key, id, frontend));
         }
@@ -463,7 +472,14 @@ impl Syncer {
         let r = &self.realized;
         let mut ops = Vec::new();
         let keep: BTreeSet<&ServiceKeyV4> = sel.frontends.iter().map(|(k, _, _)| k).collect();
-        let vips: BTreeSet<[u8; 4]> = sel.frontends.iter().map(|(k, _, _)| k.addr).collect();
+        // External frontends (a node IP, LoadBalancer and external IPs) get no marker: the
+        // address is not the Service's alone, other protocols to it must pass.
+        let vips: BTreeSet<[u8; 4]> = sel
+            .frontends
+            .iter()
+            .filter(|(_, _, f)| f.external.is_none())
+            .map(|(k, _, _)| k.addr)
+            .collect();
 
         // 1. Removed frontends, then their slots; then slots no frontend owns (left by a
         //    write that failed between a DelService and its DelSlots).
@@ -611,8 +627,7 @@ impl Realized {
                 ops.push(Op::PutSlot { key, backend_id });
             }
         }
-        let value =
-            service_value(id, count, frontend.session_affinity, frontend.no_local_endpoints);
+        let value = service_value(id, count, frontend);
         if self.services.get(&key) != Some(&value) {
             ops.push(Op::PutService { key, value });
         }
@@ -835,12 +850,17 @@ impl FakeMaps {
         }
         for (key, frontend) in &desired.frontends {
             let value = self.services.get(key).map(|v| (v.flags, v.affinity_timeout_s));
-            let want = service_value(0, 0, frontend.session_affinity, frontend.no_local_endpoints);
+            let want = service_value(0, 0, frontend);
             if value != Some((want.flags, want.affinity_timeout_s)) {
                 return Err(format!("frontend {key:?}: affinity {value:?}, want {want:?}"));
             }
         }
-        let want_vips: BTreeSet<[u8; 4]> = want.keys().map(|k| k.addr).collect();
+        let want_vips: BTreeSet<[u8; 4]> = desired
+            .frontends
+            .iter()
+            .filter(|(_, f)| f.external.is_none())
+            .map(|(k, _)| k.addr)
+            .collect();
         let got_vips: BTreeSet<[u8; 4]> =
             self.services.keys().filter(|k| k.is_vip_marker()).map(|k| k.addr).collect();
         if got_vips != want_vips {
@@ -934,7 +954,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::source::ObjectKey;
+    use crate::{model::SessionAffinity, source::ObjectKey};
 
     fn fe(vip: u8, port: u16) -> ServiceKeyV4 {
         ServiceKeyV4::new([10, 96, 0, vip], port, IPPROTO_TCP)
@@ -959,6 +979,7 @@ mod tests {
                     draining: Vec::new(),
                     session_affinity: SessionAffinity::None,
                     no_local_endpoints: false,
+                    external: None,
                 };
                 (fe(*vip, *port), frontend)
             })
@@ -1352,6 +1373,7 @@ mod tests {
                             draining,
                             session_affinity: SessionAffinity::None,
                             no_local_endpoints: false,
+                            external: None,
                         },
                     )
                 })

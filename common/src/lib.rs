@@ -17,3 +17,4 @@ pub mod nat;
 pub mod policy;
 pub mod reason;
 pub mod reject;
+pub mod sock;

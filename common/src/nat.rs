@@ -89,9 +89,27 @@ pub struct NatConfig {
     pub port_max: u16,
     /// `NAT_CFG_*` bits.
     pub flags: u32,
+    /// The pods whose traffic is masqueraded: the cluster CIDR (`--cluster-cidr`), or this
+    /// node's podCIDR when that is not configured. Network order, host bits zero.
+    pub pods_addr: [u8; 4],
+    pub pods_len: u8,
+    pub _pad: [u8; 3],
     pub _reserved: u32,
 }
-const _: () = assert!(core::mem::size_of::<NatConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<NatConfig>() == 24);
+
+impl NatConfig {
+    /// Is `addr` one of the masqueraded pods ([`NatConfig::pods_addr`])? Never for a
+    /// zero-length prefix, which would mean "everything" (an unset config).
+    #[inline(always)]
+    pub const fn is_pod(&self, addr: [u8; 4]) -> bool {
+        if self.pods_len == 0 || self.pods_len > 32 {
+            return false;
+        }
+        let mask = u32::MAX.wrapping_shl(32 - self.pods_len as u32);
+        u32::from_be_bytes(addr) & mask == u32::from_be_bytes(self.pods_addr)
+    }
+}
 
 /// Masquerade pods' traffic to destinations outside `NO_MASQ_V4`.
 pub const NAT_CFG_MASQUERADE: u32 = 1;
@@ -107,41 +125,43 @@ pub const NAT_PORT_MAX_DEFAULT: u16 = 65_535;
 /// exhausted and flows spread over the whole range.
 #[inline(always)]
 pub const fn candidate_port(seed: u32, probe: u32, port_min: u16, port_max: u16) -> u16 {
-    let span = port_max as u32 - port_min as u32 + 1;
-    port_min + ((seed.wrapping_add(probe)) % span) as u16
+    // No panicking arithmetic: the datapath runs this (a division by zero would be a call
+    // to the panic handler, which the verifier refuses).
+    let span = (port_max as u32).wrapping_sub(port_min as u32).wrapping_add(1);
+    let offset = match seed.wrapping_add(probe).checked_rem(span) {
+        Some(o) => o,
+        None => 0,
+    };
+    port_min.wrapping_add(offset as u16)
 }
 
-/// Key of `SOURCE_RANGES_V4` (an LPM trie): `prefixlen` covers the 32 bits of the frontend
-/// id (big-endian, so it is a prefix) and then the client prefix's bits; a lookup uses 64.
+/// Data of a `SOURCE_RANGES_V4` key (an LPM trie; the prefix length is aya's `Key`): the
+/// frontend's id, big-endian so that it is a prefix, then the client prefix. An entry for
+/// `addr/len` has prefix length `32 + len`; a lookup uses 64.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRangeKeyV4 {
-    pub prefixlen: u32,
+pub struct SourceRangeV4 {
     /// The frontend's `service_id`, big-endian.
     pub service_id: [u8; 4],
     pub addr: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<SourceRangeKeyV4>() == 12);
+const _: () = assert!(core::mem::size_of::<SourceRangeV4>() == 8);
 
-impl SourceRangeKeyV4 {
-    /// The entry for client prefix `addr/len` (len ≤ 32, host bits zero) of frontend `id`.
-    pub const fn range(service_id: u32, addr: [u8; 4], len: u8) -> Self {
-        Self { prefixlen: 32 + len as u32, service_id: service_id.to_be_bytes(), addr }
+impl SourceRangeV4 {
+    pub const fn new(service_id: u32, addr: [u8; 4]) -> Self {
+        Self { service_id: service_id.to_be_bytes(), addr }
     }
-    /// The lookup key for `client` reaching frontend `id`.
-    pub const fn lookup(service_id: u32, client: [u8; 4]) -> Self {
-        Self::range(service_id, client, 32)
+    /// The LPM prefix length of client prefix length `len`.
+    pub const fn prefix_len(len: u8) -> u32 {
+        32 + len as u32
+    }
+    pub const fn id(&self) -> u32 {
+        u32::from_be_bytes(self.service_id)
     }
 }
 
-/// Key of `NO_MASQ_V4` (an LPM trie): a destination prefix.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NoMasqKeyV4 {
-    pub prefixlen: u32,
-    pub addr: [u8; 4],
-}
-const _: () = assert!(core::mem::size_of::<NoMasqKeyV4>() == 8);
+/// Data of a `NO_MASQ_V4` key (an LPM trie): a destination prefix, network order.
+pub type NoMasqV4 = [u8; 4];
 
 #[cfg(feature = "user")]
 mod user {
@@ -149,8 +169,7 @@ mod user {
     // SAFETY: repr(C), integers and byte arrays only, sizes asserted above (no padding).
     unsafe impl aya::Pod for NatValueV4 {}
     unsafe impl aya::Pod for NatConfig {}
-    unsafe impl aya::Pod for SourceRangeKeyV4 {}
-    unsafe impl aya::Pod for NoMasqKeyV4 {}
+    unsafe impl aya::Pod for SourceRangeV4 {}
     // `NatKeyV4` is `CtKeyV4`, which is Pod already.
     const _: fn(CtKeyV4) = |_| {};
 }
@@ -175,10 +194,23 @@ mod tests {
     }
 
     #[test]
-    fn source_range_keys_are_prefixes_of_their_lookups() {
-        let k = SourceRangeKeyV4::range(0x0102_0304, [10, 1, 0, 0], 16);
-        assert_eq!(k.prefixlen, 48);
+    fn pods_are_the_configured_prefix_only() {
+        let mut c = NatConfig { pods_addr: [10, 244, 0, 0], pods_len: 16, ..Default::default() };
+        assert!(c.is_pod([10, 244, 3, 7]));
+        assert!(!c.is_pod([10, 245, 0, 1]));
+        c.pods_len = 32;
+        c.pods_addr = [10, 244, 3, 7];
+        assert!(c.is_pod([10, 244, 3, 7]) && !c.is_pod([10, 244, 3, 8]));
+        c.pods_len = 0;
+        assert!(!c.is_pod([10, 244, 3, 7]), "an unset config masquerades nothing");
+    }
+
+    #[test]
+    fn source_range_ids_are_big_endian_prefixes() {
+        let k = SourceRangeV4::new(0x0102_0304, [10, 1, 0, 0]);
         assert_eq!(k.service_id, [1, 2, 3, 4]);
-        assert_eq!(SourceRangeKeyV4::lookup(5, [1, 2, 3, 4]).prefixlen, 64);
+        assert_eq!(k.id(), 0x0102_0304);
+        assert_eq!(SourceRangeV4::prefix_len(16), 48);
+        assert_eq!(SourceRangeV4::prefix_len(32), 64);
     }
 }

@@ -13,7 +13,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use nodeplane_common::{
     ct::{TcpState, lifetime_ns, tcp_next},
     maps::{
-        BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_HAIRPIN, CtKeyV4, CtValueV4,
+        BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_EXTERNAL, CT_F_HAIRPIN, CtKeyV4, CtValueV4,
         HAIRPIN_ADDR_V4, IPPROTO_TCP,
     },
     policy::PolicyCtKey,
@@ -58,6 +58,9 @@ pub struct RevNat {
     /// A hairpin flow's reply (`pod -> HAIRPIN_ADDR_V4`): its destination goes back to
     /// the pod (the client) too.
     pub hairpin: bool,
+    /// A flow of an external frontend (`CT_F_EXTERNAL`): `from_pod` leaves its reply to
+    /// `to_netdev` or `to_pod`.
+    pub external: bool,
     /// The flow's live ORIGINAL entry, refreshed by [`RevNat::refresh`] once the reply is
     /// let through.
     original: *mut CtValueV4,
@@ -97,7 +100,8 @@ pub fn lookup_reply(pkt: &Packet) -> Option<RevNat> {
     if o.expires_ns <= now() || o.nat_addr != pkt.saddr || o.nat_port != pkt.sport {
         return None;
     }
-    Some(RevNat { vip: reply.nat_addr, vport: reply.nat_port, hairpin, original })
+    let external = reply.flags & CT_F_EXTERNAL != 0;
+    Some(RevNat { vip: reply.nat_addr, vport: reply.nat_port, hairpin, external, original })
 }
 
 /// For a reply that `from_pod` already reverse-translated (`vip:vport -> client:cport`, from
@@ -139,7 +143,8 @@ pub fn refresh(entry: &mut CtValueV4, pkt: &Packet, now: u64) {
 }
 
 /// Records a new flow `pkt` -> `backend`: the ORIGINAL and the REPLY entry. `hairpin`: the
-/// backend is the client itself (module docs).
+/// backend is the client itself (module docs); `external`: the frontend is a NodePort,
+/// LoadBalancer or ExternalIP one (`CT_F_EXTERNAL`).
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
@@ -147,6 +152,7 @@ pub fn create(
     backend_id: u32,
     backend: &BackendV4,
     hairpin: bool,
+    external: bool,
     now: u64,
 ) -> Result<(), Reason> {
     let (state, expires_ns) = advance(pkt.proto, TcpState::None as u8, pkt.tcp_flags, now);
@@ -154,7 +160,7 @@ pub fn create(
         nat_addr: backend.addr,
         nat_port: backend.port,
         state,
-        flags: if hairpin { CT_F_HAIRPIN } else { 0 },
+        flags: if hairpin { CT_F_HAIRPIN } else { 0 } | if external { CT_F_EXTERNAL } else { 0 },
         service_id,
         backend_id,
         expires_ns,

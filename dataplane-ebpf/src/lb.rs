@@ -17,8 +17,8 @@
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use nodeplane_common::{
     maps::{
-        AffinityKeyV4, AffinityValueV4, BackendV4, CtValueV4, SVC_F_AFFINITY, SVC_F_VIP_MARKER,
-        ServiceKeyV4, ServiceValue, SlotKey, affinity_live,
+        AffinityKeyV4, AffinityValueV4, BackendV4, CtValueV4, SVC_F_AFFINITY, SVC_F_EXTERNAL,
+        SVC_F_VIP_MARKER, ServiceKeyV4, ServiceValue, SlotKey, affinity_live,
     },
     reason::Reason,
 };
@@ -61,6 +61,8 @@ pub struct Forward {
     slot: u32,
     /// A new flow of a frontend with session affinity: commit records its choice.
     affinity: bool,
+    /// The frontend is an external one (`SVC_F_EXTERNAL`): the flow is recorded so.
+    external: bool,
 }
 
 /// A packet to a frontend: follow its conntrack entry while the backend lives, otherwise
@@ -85,6 +87,7 @@ pub fn plan(pkt: &Packet, svc: ServiceValue, now: u64) -> Result<Forward, Reason
                 backend_id: e.backend_id,
                 slot: 0,
                 affinity: false,
+                external: false,
             });
         }
         // The backend is gone (or its id now names another endpoint): never send to a dead
@@ -92,7 +95,7 @@ pub fn plan(pkt: &Packet, svc: ServiceValue, now: u64) -> Result<Forward, Reason
         ct::forget_reply(pkt, e);
         reason = Reason::NatReselected;
     }
-    let choice = select_backend(&svc, pkt, now)?;
+    let choice = select_backend(&svc, pkt.saddr, now)?;
     Ok(Forward {
         backend: choice.backend,
         reason,
@@ -101,6 +104,7 @@ pub fn plan(pkt: &Packet, svc: ServiceValue, now: u64) -> Result<Forward, Reason
         backend_id: choice.backend_id,
         slot: choice.slot,
         affinity: svc.flags & SVC_F_AFFINITY != 0,
+        external: svc.flags & SVC_F_EXTERNAL != 0,
     })
 }
 
@@ -117,9 +121,22 @@ impl Forward {
 /// SNAT when the client is its own backend).
 #[inline(always)]
 pub fn commit(ctx: &TcContext, pkt: &Packet, fwd: &Forward, now: u64) -> Result<Reason, Reason> {
+    record(pkt, fwd, now)?;
+    nat::dnat(ctx, pkt, fwd.backend.addr, fwd.backend.port)?;
+    if fwd.is_hairpin(pkt) {
+        nat::hairpin_snat(ctx, pkt)?;
+    }
+    Ok(fwd.reason)
+}
+
+/// The conntrack (and affinity) half of [`commit`]: what XDP does before rewriting the
+/// packet itself.
+#[inline(always)]
+pub fn record(pkt: &Packet, fwd: &Forward, now: u64) -> Result<(), Reason> {
     let hairpin = fwd.is_hairpin(pkt);
     if fwd.entry.is_null() {
-        ct::create(pkt, fwd.service_id, fwd.backend_id, &fwd.backend, hairpin, now)?;
+        let (id, backend) = (fwd.backend_id, &fwd.backend);
+        ct::create(pkt, fwd.service_id, id, backend, hairpin, fwd.external, now)?;
         if fwd.affinity {
             let key = AffinityKeyV4 { service_id: fwd.service_id, client: pkt.saddr };
             let value =
@@ -131,11 +148,7 @@ pub fn commit(ctx: &TcContext, pkt: &Packet, fwd: &Forward, now: u64) -> Result<
         // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
         ct::refresh(unsafe { &mut *fwd.entry }, pkt, now);
     }
-    nat::dnat(ctx, pkt, fwd.backend.addr, fwd.backend.port)?;
-    if hairpin {
-        nat::hairpin_snat(ctx, pkt)?;
-    }
-    Ok(fwd.reason)
+    Ok(())
 }
 
 #[inline(always)]
@@ -148,21 +161,22 @@ fn backend_matches(id: u32, addr: [u8; 4], port: [u8; 2]) -> bool {
 }
 
 /// A backend for a new flow, and the slot it was found in.
-struct Choice {
-    backend_id: u32,
-    backend: BackendV4,
-    slot: u32,
+pub struct Choice {
+    pub backend_id: u32,
+    pub backend: BackendV4,
+    pub slot: u32,
 }
 
 /// The client's affinity if the frontend has one and it holds (module docs), otherwise a
 /// uniform random choice among `0..backend_count` slots, like kube-proxy's iptables mode.
+/// `client`: the address whose affinity counts (the socket LB, `sock.rs`, passes its own).
 #[inline(always)]
-fn select_backend(svc: &ServiceValue, pkt: &Packet, now: u64) -> Result<Choice, Reason> {
+pub fn select_backend(svc: &ServiceValue, client: [u8; 4], now: u64) -> Result<Choice, Reason> {
     if svc.backend_count == 0 {
         return Err(Reason::DropNoBackends);
     }
     if svc.flags & SVC_F_AFFINITY != 0
-        && let Some(choice) = sticky(svc, pkt.saddr, now)
+        && let Some(choice) = sticky(svc, client, now)
     {
         return Ok(choice);
     }

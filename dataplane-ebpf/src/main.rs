@@ -48,9 +48,13 @@ mod lb;
 mod maps;
 mod metrics;
 mod nat;
+mod netdev;
 mod parse;
 mod policy;
 mod reject;
+mod snat;
+mod sock;
+mod xdp;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
@@ -179,6 +183,13 @@ fn judge_then_reverse(
     // A hairpin reply (the pod answering itself) is not judged, as its request was not.
     if !rev.as_ref().is_some_and(|r| r.hairpin) {
         policy::check(hook, &policy::Flow::of(pkt, ctx.len()), outcome)?;
+    }
+    // The reply of an external frontend's flow leaving a backend pod keeps its addresses
+    // until it leaves the node (`to_netdev`) or reaches a client pod (`to_pod`): rewriting
+    // its source to the node's own address here would make the kernel drop it as a
+    // martian when it routes it.
+    if hook == policy::Hook::FromPod && rev.as_ref().is_some_and(|r| r.external && !r.hairpin) {
+        return Ok(Reason::PassNotService);
     }
     reverse(ctx, pkt, rev)
 }

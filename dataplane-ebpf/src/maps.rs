@@ -10,6 +10,10 @@ use nodeplane_common::{
         AffinityKeyV4, AffinityValueV4, BackendV4, Counter, CtKeyV4, CtValueV4, MAX_AFFINITY,
         MAX_BACKENDS, MAX_CT_ENTRIES, MAX_SERVICES, MAX_SLOTS, ServiceKeyV4, ServiceValue, SlotKey,
     },
+    nat::{
+        MAX_NAT_ENTRIES, MAX_NO_MASQ, MAX_SOURCE_RANGES, NatConfig, NatKeyV4, NatValueV4, NoMasqV4,
+        SourceRangeV4,
+    },
     policy::{
         EndpointV4, FLOW_RING_BYTES, FragKeyV4, FragValueV4, IpcacheKeyV4, MAX_ENDPOINTS,
         MAX_FRAGS, MAX_IPCACHE, MAX_POLICY_COUNTERS, MAX_POLICY_CT, MAX_POLICY_ENTRIES,
@@ -104,3 +108,40 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_RING_BYTES, 0);
 /// Per-CPU `[events written, events lost because the ring was full]`.
 #[map]
 pub static FLOW_EVENT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// SNAT table (`nodeplane_common::nat`): an OUT and an IN entry per SNATed flow. An LRU, so
+/// a full table forgets the least recently used flow. Written by the datapath.
+#[map]
+pub static NAT_V4: LruHashMap<NatKeyV4, NatValueV4> =
+    LruHashMap::with_max_entries(MAX_NAT_ENTRIES, 0);
+
+/// One element: node IP, port range, masquerade flags. Written by the agent.
+#[map]
+pub static NAT_CONFIG: Array<NatConfig> = Array::with_max_entries(1, 0);
+
+/// Destinations pods reach with their own address (no masquerade). Written by the agent.
+#[map]
+pub static NO_MASQ_V4: LpmTrie<NoMasqV4, u8> =
+    LpmTrie::with_max_entries(MAX_NO_MASQ, BPF_F_NO_PREALLOC);
+
+/// `(frontend id, client prefix)` -> 1: the `loadBalancerSourceRanges` of frontends with
+/// `SVC_F_SOURCE_RANGES`. Written by the agent.
+#[map]
+pub static SOURCE_RANGES_V4: LpmTrie<SourceRangeV4, u8> =
+    LpmTrie::with_max_entries(MAX_SOURCE_RANGES, BPF_F_NO_PREALLOC);
+
+// ── socket LB (sock.rs): the cgroup sock_addr programs of host-network clients ──
+
+/// One element: `SockConfig`, the network namespace whose sockets the socket LB
+/// translates (0: none). Written by the agent.
+#[map]
+pub static SOCK_CONFIG: Array<nodeplane_common::sock::SockConfig> = Array::with_max_entries(1, 0);
+
+/// `(socket cookie, backend ip, backend port)` -> the VIP and port the socket asked for,
+/// so `recvmsg` and `getpeername` report the VIP. An LRU: closed sockets' entries age out.
+/// Written by the datapath.
+#[map]
+pub static SOCK_REVNAT_V4: LruHashMap<
+    nodeplane_common::sock::SockRevNatKeyV4,
+    nodeplane_common::sock::SockRevNatValueV4,
+> = LruHashMap::with_max_entries(nodeplane_common::sock::MAX_SOCK_REVNAT, 0);

@@ -33,6 +33,23 @@ pub fn rev_snat(ctx: &TcContext, pkt: &Packet, vip: [u8; 4], vport: [u8; 2]) -> 
     rewrite(ctx, pkt, IP_SRC_OFF, pkt.saddr, vip, pkt.l4_off, pkt.sport, vport)
 }
 
+/// SNAT: source `client:cport` -> `node_ip:nat_port` (`snat.rs`).
+#[inline(always)]
+pub fn snat(ctx: &TcContext, pkt: &Packet, addr: [u8; 4], port: [u8; 2]) -> Result<(), Reason> {
+    rewrite(ctx, pkt, IP_SRC_OFF, pkt.saddr, addr, pkt.l4_off, pkt.sport, port)
+}
+
+/// The reply of an SNATed flow: destination `node_ip:nat_port` -> `client:cport`.
+#[inline(always)]
+pub fn rev_snat_dst(
+    ctx: &TcContext,
+    pkt: &Packet,
+    addr: [u8; 4],
+    port: [u8; 2],
+) -> Result<(), Reason> {
+    rewrite(ctx, pkt, IP_DST_OFF, pkt.daddr, addr, pkt.l4_off + 2, pkt.dport, port)
+}
+
 /// Hairpin: source `client` -> `HAIRPIN_ADDR_V4`, port kept (after [`dnat`], which leaves
 /// the source alone).
 #[inline(always)]

@@ -35,6 +35,7 @@ pub mod server;
 pub mod slot;
 pub mod topology;
 pub mod underlay;
+pub mod xdp_pass;
 
 pub use control_plane::{ControlPlane, Kind, ObjectKey};
 pub use lab::{Lab, LabConfig, LabError, LabNode, read_sources};

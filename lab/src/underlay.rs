@@ -94,7 +94,10 @@ fn create_node(slot: u8, topology: Topology, index: u8) -> Result<(), NetnsError
     let node = node_netns(slot, index);
     netns::add(&node)?;
     netns::sysctls(&node, &FORWARDING)?;
-    plug(slot, &node, "eth0", &format!("n{index}"), true)?;
+    let outer = format!("n{index}");
+    plug(slot, &node, "eth0", &outer, true)?;
+    enable_xdp_tx(slot, &underlay_netns(slot), &outer);
+    full_checksums(&node, "eth0");
     let mut lines = vec![
         format!("addr add {POD_GATEWAY}/32 dev lo"),
         format!("addr add {}/24 dev eth0", topology.node_ip(slot, index)),
@@ -108,12 +111,48 @@ fn create_node(slot: u8, topology: Topology, index: u8) -> Result<(), NetnsError
     batch(&node, &lines)
 }
 
+/// Native XDP on the node's `eth0` transmits (`XDP_TX`) through its underlay peer, which
+/// must run an XDP program for the frames to leave at once ([`crate::xdp_pass`]). Best
+/// effort: without it the agent's XDP still works in generic mode.
+fn enable_xdp_tx(slot: u8, netns: &str, peer: &str) {
+    let dir = crate::naming::bpffs_dir(slot);
+    let pin = dir.join(format!("xdp-pass-{peer}"));
+    let attached = std::fs::create_dir_all(&dir).and_then(|()| {
+        netns::run_in(netns, || crate::xdp_pass::attach(peer, &pin))
+            .map_err(std::io::Error::other)?
+    });
+    if let Err(e) = attached {
+        eprintln!(
+            "nodeplane-lab: no XDP program on {peer} in {netns} ({e}): native XDP_TX on the node's eth0 will stall"
+        );
+    }
+}
+
+/// Makes `iface` in `netns` send complete L4 checksums (`ethtool -K tx off`), as frames
+/// on a real wire have them. A veth otherwise hands the receiver skbs whose checksum is
+/// left to "the hardware" (CHECKSUM_PARTIAL); XDP, which sees only bytes, cannot tell, and
+/// the receiving node's XDP rewrites of such frames (NodePort, reverse SNAT) would leave
+/// bad checksums. Best effort, like [`enable_xdp_tx`].
+pub fn full_checksums(netns: &str, iface: &str) {
+    let status = Command::new("ip")
+        .args(["netns", "exec", netns, "ethtool", "-K", iface, "tx", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "nodeplane-lab: could not turn checksum offload off for {iface} in {netns} (ethtool missing?)"
+        );
+    }
+}
+
 /// The external client: on the underlay's /24 and nothing else, so it reaches the node IPs
 /// but has no route to a pod CIDR or the service CIDR.
 fn create_external(slot: u8) -> Result<(), NetnsError> {
     let external = external_netns(slot);
     netns::add(&external)?;
     plug(slot, &external, "eth0", EXTERNAL_LINK, true)?;
+    full_checksums(&external, "eth0");
     batch(&external, &[format!("addr add {}/24 dev eth0", external_ip(slot))])
 }
 
@@ -122,6 +161,7 @@ fn create_internet(slot: u8) -> Result<(), NetnsError> {
     let internet = internet_netns(slot);
     netns::add(&internet)?;
     plug(slot, &internet, "eth0", INTERNET_LINK, false)?;
+    full_checksums(&internet, "eth0");
     batch(
         &underlay_netns(slot),
         &[format!("addr add {}/24 dev {INTERNET_LINK}", internet_router_ip(slot))],

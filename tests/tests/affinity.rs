@@ -39,6 +39,20 @@ fn write(dp: &mut Datapath, op: Op) {
     dp.maps().apply(&op).unwrap_or_else(|e| panic!("writing fixture: {e}"));
 }
 
+/// A frontend description that differs from the default only in its affinity (what
+/// `service_value` reads).
+fn affinity_frontend(affinity: SessionAffinity) -> nodeplane_agent::desired::Frontend {
+    nodeplane_agent::desired::Frontend {
+        service: nodeplane_agent::model::ObjectKey::namespaced("d", "s"),
+        port_name: String::new(),
+        backends: Vec::new(),
+        draining: Vec::new(),
+        session_affinity: affinity,
+        no_local_endpoints: false,
+        external: None,
+    }
+}
+
 fn backend(i: usize) -> (u32, BackendV4) {
     (i as u32 + 1, BackendV4::new(BACKENDS[i].octets(), TARGET, IPPROTO_TCP))
 }
@@ -50,7 +64,7 @@ fn frontend(dp: &mut Datapath, id: u32, port: u16, backends: &[usize], affinity:
         let key = SlotKey { service_id: id, slot: slot as u32 };
         write(dp, Op::PutSlot { key, backend_id: backend(*i).0 });
     }
-    let value = service_value(id, backends.len() as u32, affinity, false);
+    let value = service_value(id, backends.len() as u32, &affinity_frontend(affinity));
     write(dp, Op::PutService { key: ServiceKeyV4::new(VIP.octets(), port, IPPROTO_TCP), value });
     for slot in backends.len()..BACKENDS.len() {
         let key = SlotKey { service_id: id, slot: slot as u32 };

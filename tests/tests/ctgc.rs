@@ -353,6 +353,7 @@ fn desired(backends: &[usize], draining: &[usize]) -> Desired {
         draining: pick(draining),
         session_affinity: nodeplane_agent::model::SessionAffinity::None,
         no_local_endpoints: false,
+        external: None,
     };
     let key = ServiceKeyV4::new(VIP.octets(), HTTP, IPPROTO_TCP);
     Desired { frontends: [(key, frontend)].into(), skipped: Vec::new() }

@@ -65,6 +65,10 @@ impl Lab {
         let link =
             PodLink { node_netns: &node_netns, pod_netns: &pod_netns, host_veth: &host_veth, ip };
         netns::create_pod(&link)?;
+        if matches!(self.topology, crate::topology::Topology::Underlay { .. }) {
+            // Its frames may cross the wire to another node's XDP (underlay::full_checksums).
+            crate::underlay::full_checksums(&pod_netns, "eth0");
+        }
         Ok(())
     }
 
