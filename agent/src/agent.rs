@@ -24,6 +24,7 @@ use crate::{
     external,
     flowlog::{self, NameTables, Resolver, SharedResolver},
     health::Health,
+    healthcheck,
     index::Index,
     inspect::names::{NamesPublisher, NamesSnapshot},
     metrics::{self, FlowOutcome, LogLevel, Metrics, PolicyMapSizes},
@@ -528,6 +529,7 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
     events.normal("Starting", format!("Starting nodeplane-agent {}", env!("CARGO_PKG_VERSION")));
     let mut announced_ready = false;
     let mut retire_warned = false;
+    let mut health_checks = healthcheck::HealthCheckServers::new(config.external.health_check_bind);
 
     let node = NodeContext {
         node_name: config.node_name.clone(),
@@ -576,6 +578,10 @@ pub async fn run(config: Config, log: LogLevel) -> anyhow::Result<()> {
                 }
                 if changed || !in_sync {
                     in_sync = sync(&mut agent, &mut datapath, &events, &ctgc, &config);
+                    // The healthCheckNodePorts answer from the index: current whatever the
+                    // maps' state (a load balancer asks about endpoints, not about us).
+                    let wanted = healthcheck::wanted(agent.index(), config.node_name.as_deref());
+                    health_checks.update(wanted).await;
                 }
                 if !announced_ready && health.readyz().ok {
                     announced_ready = true;

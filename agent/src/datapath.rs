@@ -346,6 +346,14 @@ impl Datapath {
         &mut self.maps
     }
 
+    /// The loaded `xdp_netdev` program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn xdp_program(&self) -> &Xdp {
+        self.ebpf
+            .program(names::PROG_XDP_NETDEV)
+            .and_then(|p| p.try_into().ok())
+            .unwrap_or_else(|| panic!("xdp_netdev was loaded as an Xdp program in load_with"))
+    }
+
     /// Attaches [`PROGRAMS`] to every interface whose name starts with `prefix` and that is
     /// not attached yet. Returns the newly attached names.
     ///

@@ -33,6 +33,8 @@ const CONVERGE: Duration = Duration::from_secs(20);
 const LB_OPEN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const LB_CLOSED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+/// lb-local's healthCheckNodePort.
+const HEALTH_PORT: u16 = 32_000;
 /// How many connections the SNAT test holds open at once.
 const EGRESS_CONNECTIONS: usize = 1_000;
 
@@ -63,6 +65,10 @@ fn services(external: Ipv4Addr) -> String {
          \x20 loadBalancerSourceRanges: [\"10.99.0.0/16\"]\n  ports:\n\
          \x20 - {{name: t, port: 80, targetPort: 7000, nodePort: 30703, protocol: TCP}}\n\
          status: {{loadBalancer: {{ingress: [{{ip: \"{LB_CLOSED}\"}}]}}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: lb-local, namespace: demo}}\n\
+         spec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_PORT}\n\
+         \x20 selector: {{app: peer}}\n  ports:\n\
+         \x20 - {{name: t, port: 80, targetPort: 7000, nodePort: 30704, protocol: TCP}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: peer-eip, namespace: demo}}\n\
          spec:\n  selector: {{app: peer}}\n  externalIPs: [\"{EXTERNAL_IP}\"]\n  ports:\n\
          \x20 - {{name: t, port: 80, targetPort: 7000, protocol: TCP}}\n"
@@ -82,9 +88,14 @@ impl std::ops::Deref for Setup {
 }
 
 fn cluster() -> Setup {
+    cluster_with(&[])
+}
+
+/// [`cluster`] with extra agent flags.
+fn cluster_with(flags: &[&str]) -> Setup {
     // The external client's address is fixed by the slot, known only once the lab is up:
     // the Services go in afterwards.
-    let cluster = MultiCluster::up(2, &[("multinode.yaml", MULTINODE)], &[]);
+    let cluster = MultiCluster::up(2, &[("multinode.yaml", MULTINODE)], flags);
     let external = cluster.external_ip().expect("an underlay lab has an external client");
     cluster
         .apply(&[("nodeport.yaml", services(external))])
@@ -200,6 +211,108 @@ fn load_balancer_ips_honour_source_ranges_and_external_ips_are_served() {
     let np = SocketAddrV4::new(node_ip(&lab, 1), 30703);
     let seen = external_tcp(&lab, np, TIMEOUT).expect("lb-closed's NodePort");
     assert_eq!(seen, lab.external_ip().expect("external").to_string());
+}
+
+/// The agent of `node`'s packet counter for `hook` and `reason` (its `/metrics` on
+/// 127.0.0.1:10249 in the node netns).
+fn counter(lab: &Lab, node: u8, hook: &str, reason: &str) -> u64 {
+    let text = lab
+        .node(node)
+        .expect("node")
+        .run(|| -> io::Result<String> {
+            let mut stream = TcpStream::connect(("127.0.0.1", 10249))?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            io::Read::read_to_string(&mut stream, &mut text)?;
+            Ok(text)
+        })
+        .expect("entering the node")
+        .expect("scraping the agent's metrics");
+    let series = format!("nodeplane_datapath_packets_total{{hook=\"{hook}\",reason=\"{reason}\",");
+    text.lines()
+        .filter(|l| l.starts_with(&series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// NodePort requests through node 0 to peer-1 (on node 1): the remote path.
+fn remote_requests(lab: &Setup, n: usize) {
+    let addr = SocketAddrV4::new(node_ip(lab, 0), 30700);
+    lab.cluster.wait_until("the NodePort answers", CONVERGE, || {
+        external_tcp(lab, addr, TIMEOUT).is_ok()
+    });
+    for i in 0..n {
+        let seen = external_tcp(lab, addr, TIMEOUT).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(seen, node_ip(lab, 0).to_string());
+    }
+}
+
+#[test]
+fn xdp_translates_nodeport_flows_and_tc_alone_does_the_same_with_xdp_off() {
+    // The agent's counters are read every second; 20 requests, then a little more than that.
+    let lab = cluster_with(&["--xdp", "native"]);
+    remote_requests(&lab, 20);
+    thread::sleep(Duration::from_millis(1500));
+    let tx_new = counter(&lab, 0, "xdp_netdev", "snat-new");
+    let tx_back = counter(&lab, 0, "xdp_netdev", "rev-snat");
+    // The first SYN may go through tc while the node learns the neighbour.
+    assert!(tx_new >= 19, "XDP started {tx_new} of 20 flows");
+    assert!(tx_back >= 19 * 2, "XDP sent {tx_back} replies back");
+    drop(lab);
+
+    let lab = cluster_with(&["--xdp", "off"]);
+    remote_requests(&lab, 20);
+    thread::sleep(Duration::from_millis(1500));
+    let xdp: u64 = ["snat-new", "snat", "rev-snat", "nat-new", "pass-not-service"]
+        .iter()
+        .map(|r| counter(&lab, 0, "xdp_netdev", r))
+        .sum();
+    assert_eq!(xdp, 0, "no XDP program runs with --xdp off");
+    assert!(counter(&lab, 0, "from_netdev", "nat-new") >= 20, "tc DNATs the flows");
+    assert!(counter(&lab, 0, "to_netdev", "snat-new") >= 20, "tc SNATs them");
+    assert!(counter(&lab, 0, "from_netdev", "rev-snat") >= 20, "and reverses the replies");
+}
+
+/// `GET /healthz` on `addr` from the external client: the status code and the body.
+fn http_get(lab: &Lab, addr: SocketAddrV4) -> io::Result<(u16, String)> {
+    lab.in_external(|| -> io::Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&addr.into(), TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        io::Read::read_to_string(&mut stream, &mut text)?;
+        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+        Ok((status, body))
+    })
+    .expect("entering the external client")
+}
+
+#[test]
+fn health_check_node_port_answers_200_where_endpoints_are_local_and_503_elsewhere() {
+    let lab = cluster();
+    let with = SocketAddrV4::new(node_ip(&lab, 1), HEALTH_PORT);
+    let without = SocketAddrV4::new(node_ip(&lab, 0), HEALTH_PORT);
+    lab.cluster.wait_until("both nodes answer the health check", CONVERGE, || {
+        http_get(&lab, with).is_ok() && http_get(&lab, without).is_ok()
+    });
+    let (status, body) = http_get(&lab, with).expect("node 1");
+    assert_eq!(status, 200, "node 1 has peer-1: {body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(json["localEndpoints"], 1, "{body}");
+    assert_eq!(json["service"]["name"], "lb-local");
+    assert_eq!(json["service"]["namespace"], "demo");
+    let (status, body) = http_get(&lab, without).expect("node 0");
+    assert_eq!(status, 503, "node 0 has no endpoint of lb-local: {body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(json["localEndpoints"], 0, "{body}");
+    // What the load balancer acts on: node 1 serves the Local Service with the client's
+    // address, node 0 drops it.
+    let seen = external_tcp(&lab, SocketAddrV4::new(node_ip(&lab, 1), 30704), TIMEOUT)
+        .expect("the Local NodePort of lb-local on node 1");
+    assert_eq!(seen, lab.external_ip().expect("external").to_string());
+    assert!(external_tcp(&lab, SocketAddrV4::new(node_ip(&lab, 0), 30704), SILENCE).is_err());
 }
 
 /// Raises the open-files limit to its hard maximum: the SNAT test holds 2,000 sockets.
