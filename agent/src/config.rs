@@ -277,6 +277,15 @@ struct FileConfig {
     state_dir: Option<String>,
     socket_lb: Option<bool>,
     cgroup_root: Option<PathBuf>,
+    external_interfaces: Option<Vec<String>>,
+    xdp: Option<String>,
+    masquerade: Option<bool>,
+    #[serde(rename = "nonMasqueradeCIDRs")]
+    non_masquerade_cidrs: Option<Vec<String>>,
+    masquerade_port_range: Option<String>,
+    #[serde(rename = "externalIPCIDRs")]
+    external_ip_cidrs: Option<Vec<String>>,
+    health_check_bind_address: Option<String>,
     flow_log: Option<String>,
     flow_log_allowed: Option<bool>,
     flow_log_rate: Option<u32>,
@@ -435,6 +444,15 @@ impl Config {
         from_file!(state_dir, "stateDir", |v| Ok(std::path::PathBuf::from(v)));
         from_file!(socket_lb, "socketLb", |v| Ok(v));
         from_file!(cgroup_root, "cgroupRoot", |v| Ok(Some(v)));
+        from_file!(external_interfaces, "externalInterfaces", |v| Ok(v));
+        from_file!(xdp, "xdp", |v| <XdpMode as clap::ValueEnum>::from_str(&v, false));
+        from_file!(masquerade, "masquerade", |v| Ok(v));
+        from_file!(non_masquerade_cidrs, "nonMasqueradeCIDRs", |v| cidrs(&v));
+        from_file!(masquerade_port_range, "masqueradePortRange", |v| parse_port_range(&v));
+        from_file!(external_ip_cidrs, "externalIPCIDRs", |v| cidrs(&v));
+        from_file!(health_check_bind_address, "healthCheckBindAddress", |v| v
+            .parse::<std::net::IpAddr>()
+            .map_err(|e| e.to_string()));
         from_file!(flow_log, "flowLog", |v| Ok(Some(v)));
         from_file!(flow_log_allowed, "flowLogAllowed", |v| Ok(v));
         from_file!(flow_log_rate, "flowLogRate", |v| Ok(v));
@@ -508,6 +526,11 @@ impl Config {
             cgroup_root: args.cgroup_root.filter(|p| !p.as_os_str().is_empty()),
         })
     }
+}
+
+/// A list of CIDRs in the file.
+fn cidrs(v: &[String]) -> Result<Vec<Ipv4Cidr>, String> {
+    v.iter().map(|c| c.parse::<Ipv4Cidr>().map_err(|e| e.to_string())).collect()
 }
 
 /// `conntrackEntries` in the file: the flag's range.
@@ -782,5 +805,42 @@ mod tests {
         assert_eq!(c.cgroup_root.as_deref(), Some(Path::new("/x")));
         let c = resolve(&["--node-name=n", "--socket-lb=true"], "socketLb: false\n").unwrap();
         assert!(c.socket_lb, "the flag wins");
+    }
+
+    #[test]
+    fn north_south_settings_from_flags_and_file_with_their_checks() {
+        let c = resolve(&["--node-name=n"], "").unwrap();
+        assert_eq!(c.external.xdp, XdpMode::Auto);
+        assert!(c.external.masquerade);
+        assert_eq!(c.external.port_range, (61_000, 65_535));
+        assert_eq!(c.external.external_ip_allow, None, "kube-proxy programs every externalIP");
+        let c = resolve(
+            &[
+                "--node-name=n",
+                "--xdp=off",
+                "--external-interface=eth0,eth1",
+                "--external-ip-cidr=203.0.113.0/24",
+                "--non-masquerade-cidr=10.0.0.0/8",
+                "--masquerade-port-range=40000-50000",
+            ],
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.external.xdp, XdpMode::Off);
+        assert_eq!(c.external.interfaces, ["eth0", "eth1"]);
+        assert_eq!(c.external.external_ip_allow, Some(vec!["203.0.113.0/24".parse().unwrap()]));
+        assert_eq!(c.external.non_masquerade_cidrs, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(c.external.port_range, (40_000, 50_000));
+        let file = "xdp: generic\nmasquerade: false\nexternalIPCIDRs: [198.51.100.0/24]\n\
+                    masqueradePortRange: 33000-34000\nhealthCheckBindAddress: 10.0.0.1\n";
+        let c = resolve(&["--node-name=n"], file).unwrap();
+        assert_eq!(c.external.xdp, XdpMode::Generic);
+        assert!(!c.external.masquerade);
+        assert_eq!(c.external.port_range, (33_000, 34_000));
+        assert_eq!(c.external.health_check_bind.to_string(), "10.0.0.1");
+        let err = resolve(&["--node-name=n", "--masquerade-port-range=30000-40000"], "");
+        assert!(err.unwrap_err().to_string().contains("NodePort range"));
+        assert!(resolve(&["--node-name=n", "--masquerade-port-range=5-4"], "").is_err());
+        assert!(resolve(&["--node-name=n"], "xdp: turbo\n").is_err());
     }
 }

@@ -63,6 +63,7 @@ use nodeplane_common::{
         BackendV4, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_HAIRPIN, CtKeyV4, CtValueV4, IPPROTO_TCP,
         ServiceKeyV4, ServiceValue, SlotKey, names,
     },
+    nat::NatValueV4,
     policy::{PolicyCtKey, PolicyCtValue},
 };
 use prometheus_client::{
@@ -268,6 +269,9 @@ pub struct PassReport {
     pub service: Deleted,
     /// `POLICY_CT_V4` (expiry passes only).
     pub policy: Deleted,
+    /// `NAT_V4` (expiry passes only): `expired` past the lifetime of their TCP state,
+    /// `orphaned` when the other entry of their flow is gone.
+    pub nat: Deleted,
     /// Entries read: `CT_V4`, `POLICY_CT_V4`.
     pub scanned: (u64, u64),
     /// `max_entries`: `CT_V4`, `POLICY_CT_V4`.
@@ -282,6 +286,7 @@ impl PassReport {
         let ratio = |n: u64, cap: u64| if cap == 0 { 0.0 } else { n as f64 / cap as f64 };
         ratio(self.service.total(), self.capacity.0)
             .max(ratio(self.policy.total(), self.capacity.1))
+            .max(ratio(self.nat.total(), u64::from(nodeplane_common::nat::MAX_NAT_ENTRIES)))
     }
 }
 
@@ -336,6 +341,7 @@ pub struct GcMaps {
     settled: Arc<std::sync::Mutex<HashSet<Pair>>>,
     ct: Table<CtKeyV4, CtValueV4>,
     policy_ct: Table<PolicyCtKey, PolicyCtValue>,
+    nat: Table<CtKeyV4, NatValueV4>,
     services: BatchReader<ServiceKeyV4, ServiceValue>,
     slots: BatchReader<SlotKey, u32>,
     backends: BatchReader<u32, BackendV4>,
@@ -354,6 +360,7 @@ impl GcMaps {
             settled,
             ct: Table::new(names::CT_V4, &maps.ct)?,
             policy_ct: Table::new(names::POLICY_CT_V4, &maps.policy_ct)?,
+            nat: Table::new(names::NAT_V4, &maps.nat)?,
             services: BatchReader::new(names::SERVICES_V4, &maps.services)?,
             slots: BatchReader::new(names::BACKEND_SLOTS, &maps.slots)?,
             backends: BatchReader::new(names::BACKENDS_V4, &maps.backends)?,
@@ -400,6 +407,7 @@ pub fn run_pass(maps: &mut GcMaps, pass: Pass) -> Result<PassReport, GcError> {
         pass,
         service: Deleted::default(),
         policy: Deleted::default(),
+        nat: Deleted::default(),
         scanned: (found.scanned, 0),
         capacity: (maps.ct.reader.max_entries().into(), maps.policy_ct.reader.max_entries().into()),
         elapsed: Duration::ZERO,
@@ -464,9 +472,53 @@ pub fn run_pass(maps: &mut GcMaps, pass: Pass) -> Result<PassReport, GcError> {
                 report.policy.expired += 1;
             }
         }
+        report.nat = expire_nat(&mut maps.nat, p)?;
     }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Whether a `NAT_V4` entry is dead at `now`: idle past the conntrack lifetime of its TCP
+/// state (or UDP's), or, with `partner_alive` false, idle for the closing timeout (its
+/// flow's other entry was evicted or deleted: the flow cannot work any more, and the IN
+/// entry would hold its port).
+pub fn nat_dead(key: &CtKeyV4, value: &NatValueV4, now: u64, partner_alive: bool) -> bool {
+    use nodeplane_common::ct::{TCP_CLOSE_TIMEOUT_NS, TcpState, lifetime_ns};
+    let idle = now.saturating_sub(value.last_seen_ns);
+    idle > lifetime_ns(key.proto, TcpState::from_u8(value.state))
+        || (!partner_alive && idle > TCP_CLOSE_TIMEOUT_NS)
+}
+
+/// The `NAT_V4` part of an expiry pass.
+fn expire_nat(
+    nat: &mut Table<CtKeyV4, NatValueV4>,
+    pass: &'static str,
+) -> Result<Deleted, GcError> {
+    let map_err = |source| GcError::Map { pass, map: names::NAT_V4, source };
+    let mut entries = HashMap::new();
+    nat.reader
+        .for_each(|k, v| {
+            entries.insert(*k, *v);
+        })
+        .map_err(|source| GcError::Read { pass, map: names::NAT_V4, source })?;
+    let now = monotonic_ns();
+    let mut deleted = Deleted::default();
+    for (key, value) in &entries {
+        let partner_alive = entries.contains_key(&value.partner(key));
+        if !nat_dead(key, value, now, partner_alive) {
+            continue;
+        }
+        // Only if not used since the walk read it.
+        let seen = value.last_seen_ns;
+        if nat.delete_if(key, |v| v.last_seen_ns == seen).map_err(map_err)? {
+            if partner_alive {
+                deleted.expired += 1;
+            } else {
+                deleted.orphaned += 1;
+            }
+        }
+    }
+    Ok(deleted)
 }
 
 /// How often the expiry pass runs.
@@ -589,7 +641,8 @@ impl GcMetrics {
 
     /// Counts what a pass did.
     pub fn observe(&self, report: &PassReport) {
-        for (table, deleted) in [("service", report.service), ("policy", report.policy)] {
+        let tables = [("service", report.service), ("policy", report.policy), ("nat", report.nat)];
+        for (table, deleted) in tables {
             for (reason, n) in deleted.by_reason() {
                 let label = DeletedLabel { table: table.into(), reason: reason.into() };
                 self.deleted.get_or_create(&label).inc_by(n);
@@ -928,11 +981,54 @@ mod tests {
     }
 
     #[test]
+    fn nat_entries_live_as_long_as_their_tcp_state_or_their_partner() {
+        use nodeplane_common::{
+            ct::{NSEC_PER_SEC, TcpState},
+            maps::IPPROTO_UDP,
+            nat::{NAT_DIR_IN, NAT_DIR_OUT},
+        };
+        let out = CtKeyV4 {
+            saddr: [10, 244, 0, 2],
+            daddr: [198, 18, 0, 2],
+            sport: 40000u16.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            dir: NAT_DIR_OUT,
+            _pad: [0; 2],
+        };
+        let value = |state: TcpState, last_seen_s: u64| NatValueV4 {
+            addr: [192, 168, 0, 10],
+            port: 61000u16.to_be_bytes(),
+            state: state as u8,
+            last_seen_ns: last_seen_s * NSEC_PER_SEC,
+            ..NatValueV4::default()
+        };
+        let now = 100_000 * NSEC_PER_SEC;
+        let est = value(TcpState::Established, 100_000 - 3600);
+        assert!(!nat_dead(&out, &est, now, true), "an established flow idle 1 h lives");
+        assert!(nat_dead(&out, &est, now, false), "but not once its IN entry is gone");
+        let closing = value(TcpState::Closing, 100_000 - 11);
+        assert!(nat_dead(&out, &closing, now, true), "a closed flow frees its port after 10 s");
+        let fresh = value(TcpState::Closing, 100_000 - 5);
+        assert!(!nat_dead(&out, &fresh, now, false));
+        let udp = CtKeyV4 { proto: IPPROTO_UDP, ..out };
+        assert!(nat_dead(&udp, &value(TcpState::None, 100_000 - 61), now, true));
+        assert!(!nat_dead(&udp, &value(TcpState::None, 100_000 - 59), now, true));
+        // The partner keys point at each other.
+        let partner = est.partner(&out);
+        assert_eq!(partner.dir, NAT_DIR_IN);
+        assert_eq!((partner.saddr, partner.daddr), (out.daddr, est.addr));
+        let back = NatValueV4 { addr: out.saddr, port: out.sport, ..est };
+        assert_eq!(back.partner(&partner), out);
+    }
+
+    #[test]
     fn the_delete_ratio_is_the_larger_share_of_a_table() {
         let report = PassReport {
             pass: Pass::Expiry,
             service: Deleted { expired: 10, orphaned: 10, backend_removed: 0 },
             policy: Deleted { expired: 30, ..Deleted::default() },
+            nat: Deleted::default(),
             scanned: (0, 0),
             capacity: (100, 100),
             elapsed: Duration::ZERO,
@@ -951,6 +1047,7 @@ mod tests {
             pass: Pass::Flush,
             service: Deleted { backend_removed: 4, ..Deleted::default() },
             policy: Deleted::default(),
+            nat: Deleted { orphaned: 2, ..Deleted::default() },
             scanned: (10, 0),
             capacity: (100, 100),
             elapsed: Duration::from_millis(3),
@@ -960,6 +1057,7 @@ mod tests {
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         for line in [
             "nodeplane_conntrack_gc_deleted_total{table=\"service\",reason=\"backend_removed\"} 4",
+            "nodeplane_conntrack_gc_deleted_total{table=\"nat\",reason=\"orphaned\"} 2",
             "nodeplane_conntrack_gc_deleted_total{table=\"policy\",reason=\"expired\"} 0",
             "nodeplane_conntrack_gc_duration_seconds_count{pass=\"flush\"} 1",
             "nodeplane_conntrack_gc_errors_total{pass=\"expiry\"} 0",

@@ -66,9 +66,12 @@ pub struct NatValueV4 {
     pub port: [u8; 2],
     /// `NAT_F_*` bits.
     pub flags: u8,
-    pub _pad: u8,
-    /// `bpf_ktime_get_ns()` of the flow's last packet in this direction: the conntrack GC
-    /// deletes flows idle longer than their protocol's lifetime.
+    /// TCP: [`crate::ct::TcpState`] after the packets seen in this entry's direction (0 for
+    /// other protocols). The agent's GC gives the entry the conntrack lifetime of that state.
+    pub state: u8,
+    /// `bpf_ktime_get_ns()` of the flow's last packet in this direction: the agent's GC
+    /// deletes an entry idle longer than [`crate::ct::lifetime_ns`] of its state, or idle
+    /// for [`crate::ct::TCP_CLOSE_TIMEOUT_NS`] once the other entry of its flow is gone.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<NatValueV4>() == 16);
@@ -113,6 +116,35 @@ impl NatConfig {
 
 /// Masquerade pods' traffic to destinations outside `NO_MASQ_V4`.
 pub const NAT_CFG_MASQUERADE: u32 = 1;
+
+impl NatValueV4 {
+    /// The key of the other entry of this entry's flow, given this entry's key.
+    pub const fn partner(&self, key: &NatKeyV4) -> NatKeyV4 {
+        if key.dir == NAT_DIR_OUT {
+            // OUT `client -> peer` = node:port  ->  IN `peer -> node:port` = client.
+            NatKeyV4 {
+                saddr: key.daddr,
+                daddr: self.addr,
+                sport: key.dport,
+                dport: self.port,
+                proto: key.proto,
+                dir: NAT_DIR_IN,
+                _pad: [0; 2],
+            }
+        } else {
+            // IN `peer -> node:port` = client  ->  OUT `client -> peer`.
+            NatKeyV4 {
+                saddr: self.addr,
+                daddr: key.saddr,
+                sport: self.port,
+                dport: key.sport,
+                proto: key.proto,
+                dir: NAT_DIR_OUT,
+                _pad: [0; 2],
+            }
+        }
+    }
+}
 
 /// Default allocator range: above Linux's default `ip_local_port_range` (32768–60999), so
 /// the node's own outgoing connections never pick a port a NATed flow holds, and far from

@@ -23,6 +23,7 @@ use nodeplane_common::{
 };
 
 use crate::{
+    ct,
     maps::{NAT_CONFIG, NAT_V4, NO_MASQ_V4},
     nat,
     parse::Packet,
@@ -54,9 +55,16 @@ pub fn reverse(ctx: &TcContext, pkt: &Packet, now: u64) -> Option<Result<Reason,
     let entry = NAT_V4.get_ptr_mut(k)?;
     // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
     let e = unsafe { &mut *entry };
-    e.last_seen_ns = now;
+    touch(e, pkt, now);
     let (addr, port) = (e.addr, e.port);
     Some(nat::rev_snat_dst(ctx, pkt, addr, port).map(|()| Reason::RevSnat))
+}
+
+/// A packet of the entry's direction: its TCP state and last-seen time move on.
+#[inline(always)]
+fn touch(e: &mut NatValueV4, pkt: &Packet, now: u64) {
+    e.state = ct::advance(pkt.proto, e.state, pkt.tcp_flags, now).0;
+    e.last_seen_ns = now;
 }
 
 /// Should a pod's packet to `pkt.daddr` be masqueraded?
@@ -95,7 +103,7 @@ pub fn egress(
         // The port is still this flow's only while its IN entry says so: an evicted IN
         // entry may have let another flow claim the port.
         if owns_port(pkt, e.addr, e.port) {
-            e.last_seen_ns = now;
+            touch(e, pkt, now);
             let (addr, port) = (e.addr, e.port);
             nat::snat(ctx, pkt, addr, port)?;
             return Ok(Some(Reason::Snat));
@@ -125,7 +133,7 @@ pub fn nodeport_source(
         // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
         let e = unsafe { &mut *entry };
         if owns_port(pkt, e.addr, e.port) {
-            e.last_seen_ns = now;
+            touch(e, pkt, now);
             return Ok((e.addr, e.port, Reason::Snat));
         }
     }
@@ -144,7 +152,8 @@ fn start(
 ) -> Result<[u8; 2], Reason> {
     let port = allocate(ctx, pkt, cfg, flags, now)?;
     let out = key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, NAT_DIR_OUT);
-    let value = NatValueV4 { addr: cfg.node_ip, port, flags, _pad: 0, last_seen_ns: now };
+    let state = ct::advance(pkt.proto, 0, pkt.tcp_flags, now).0;
+    let value = NatValueV4 { addr: cfg.node_ip, port, flags, state, last_seen_ns: now };
     NAT_V4.insert(&out, &value, 0).map_err(|_| Reason::DropCtInsertFailed)?;
     Ok(port)
 }
@@ -157,7 +166,7 @@ pub fn lookup_reverse(pkt: &Packet, now: u64) -> Option<([u8; 4], [u8; 2], bool)
     let entry = NAT_V4.get_ptr_mut(k)?;
     // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
     let e = unsafe { &mut *entry };
-    e.last_seen_ns = now;
+    touch(e, pkt, now);
     Some((e.addr, e.port, e.flags & NAT_F_NODEPORT != 0))
 }
 
@@ -189,7 +198,9 @@ fn allocate(
     }
     // SAFETY: helper without preconditions.
     let seed = unsafe { bpf_get_prandom_u32() };
-    let client = NatValueV4 { addr: pkt.saddr, port: pkt.sport, flags, _pad: 0, last_seen_ns: now };
+    // The peer has sent nothing yet: its direction starts with no TCP state.
+    let client =
+        NatValueV4 { addr: pkt.saddr, port: pkt.sport, flags, state: 0, last_seen_ns: now };
     for probe in 0..NAT_PROBES {
         let port = candidate_port(seed, probe, cfg.port_min, cfg.port_max).to_be_bytes();
         if node_socket_owns(ctx, pkt, cfg.node_ip, port) {

@@ -403,3 +403,48 @@ fn a_draining_tcp_backend_keeps_its_connections_until_it_is_gone() {
     };
     assert_eq!(reselected(&after) - reselected(&before), held.len() as u64);
 }
+
+/// `NAT_V4` in the expiry pass: closed flows give their port back 10 s after their last
+/// packet, established ones keep it, and an entry whose partner is gone (evicted) goes too.
+#[test]
+fn the_expiry_pass_frees_the_ports_of_finished_snat_flows() {
+    use nodeplane_common::{
+        ct::{NSEC_PER_SEC, TcpState},
+        nat::{NAT_DIR_OUT, NatValueV4},
+    };
+    let mut dp = fixture();
+    let now = monotonic_ns();
+    let node = [192, 168, 0, 10];
+    let flow = |cport: u16, nat_port: u16, state: TcpState, idle_s: u64| {
+        let out = CtKeyV4 {
+            saddr: [10, 244, 0, 2],
+            daddr: [198, 18, 0, 2],
+            sport: cport.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            dir: NAT_DIR_OUT,
+            _pad: [0; 2],
+        };
+        let value = NatValueV4 {
+            addr: node,
+            port: nat_port.to_be_bytes(),
+            state: state as u8,
+            last_seen_ns: now - idle_s * NSEC_PER_SEC,
+            ..NatValueV4::default()
+        };
+        let back = NatValueV4 { addr: out.saddr, port: out.sport, ..value };
+        [(out, value), (value.partner(&out), back)]
+    };
+    let live = flow(40001, 61001, TcpState::Established, 30);
+    let closed = flow(40002, 61002, TcpState::Closing, 30);
+    let half = flow(40003, 61003, TcpState::Established, 30);
+    for (k, v) in live.iter().chain(&closed).chain(&half[..1]) {
+        dp.maps().nat.insert(k, v, 0).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut maps = GcMaps::new(dp.maps()).unwrap_or_else(|e| panic!("GC maps: {e}"));
+    let report = run_pass(&mut maps, Pass::Expiry).unwrap_or_else(|e| panic!("expiry: {e}"));
+    assert_eq!((report.nat.expired, report.nat.orphaned), (2, 1), "{:?}", report.nat);
+    let left: Vec<CtKeyV4> = dp.maps().nat.keys().map(|k| k.expect("key")).collect();
+    assert_eq!(left.len(), 2, "only the live flow's two entries stay: {left:?}");
+    assert!(live.iter().all(|(k, _)| left.contains(k)));
+}

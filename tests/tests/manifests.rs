@@ -61,6 +61,15 @@ const AGENT_SETTINGS: &[(&str, &str)] = &[
     ("--flow-log-allowed", "NODEPLANE_FLOW_LOG_ALLOWED"),
     ("--flow-log-rate", "NODEPLANE_FLOW_LOG_RATE"),
     ("--flow-log-burst", "NODEPLANE_FLOW_LOG_BURST"),
+    ("--socket-lb", "NODEPLANE_SOCKET_LB"),
+    ("--cgroup-root", "NODEPLANE_CGROUP_ROOT"),
+    ("--external-interface", "NODEPLANE_EXTERNAL_INTERFACES"),
+    ("--xdp", "NODEPLANE_XDP"),
+    ("--masquerade", "NODEPLANE_MASQUERADE"),
+    ("--non-masquerade-cidr", "NODEPLANE_NON_MASQUERADE_CIDRS"),
+    ("--masquerade-port-range", "NODEPLANE_MASQUERADE_PORT_RANGE"),
+    ("--external-ip-cidr", "NODEPLANE_EXTERNAL_IP_CIDRS"),
+    ("--health-check-bind-address", "NODEPLANE_HEALTH_CHECK_BIND_ADDRESS"),
 ];
 /// Read by kube-rs's in-cluster configuration rather than by the agent's flags.
 const IN_CLUSTER_ENV: &[&str] = &["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"];
