@@ -41,6 +41,13 @@
 //!    (kube-proxy keeps affinity per Service port too): the datapath remembers per
 //!    (frontend, client IP) the backend of the client's last new flow.
 //!
+//! 9. The north-south frontends ([`Frontend::external`]): the `nodePort` of every port of a
+//!    NodePort or LoadBalancer Service on each of this node's addresses (the InternalIP and
+//!    ExternalIP of its Node object), and the port on each LoadBalancer ingress IP and each
+//!    `externalIP` (those outside `--external-ip-cidr`, when given, are skipped and noted).
+//!    Their backends follow `externalTrafficPolicy` as rules 4 to 6 follow the internal one;
+//!    the LoadBalancer IPs carry the Service's `loadBalancerSourceRanges`.
+//!
 //! Without a node name ([`compute`], the file source in the lab) `Local` cannot be
 //! evaluated and is treated as `Cluster`: every endpoint is used. Dropping all traffic of
 //! such Services instead would break them on a misconfigured agent; an agent that knows its
@@ -1156,5 +1163,148 @@ mod tests {
         let d = compute(&by_hand);
         assert_eq!(backends_of(&d, tcp(80)), vec![be("10.0.0.1", 8080), be("10.0.0.2", 8080)]);
         assert_eq!(d, compute(&by_controller));
+    }
+
+    /// `web` as a LoadBalancer with nodePort 30080, an ingress IP, source ranges and an
+    /// externalIP, on an index that also holds node `n1` (192.168.0.10 and 203.0.113.5).
+    fn north_south(local: bool) -> Index {
+        use k8s_openapi::api::core::v1 as corev1;
+        let mut svc = web();
+        let spec = svc.spec.as_mut().expect("spec");
+        spec.type_ = Some("LoadBalancer".into());
+        spec.ports.as_mut().expect("ports")[0].node_port = Some(30080);
+        spec.external_ips = Some(vec!["198.51.100.7".into(), "192.0.2.9".into()]);
+        spec.load_balancer_source_ranges = Some(vec!["10.1.0.0/16".into()]);
+        if local {
+            spec.external_traffic_policy = Some("Local".into());
+        }
+        svc.status = Some(corev1::ServiceStatus {
+            load_balancer: Some(corev1::LoadBalancerStatus {
+                ingress: Some(vec![corev1::LoadBalancerIngress {
+                    ip: Some("203.0.113.10".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        let mut index = index_with(svc, spread_slices());
+        index.apply(corev1::Node {
+            metadata: meta("", "n1", &[]),
+            status: Some(corev1::NodeStatus {
+                addresses: Some(vec![
+                    corev1::NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: "192.168.0.10".into(),
+                    },
+                    corev1::NodeAddress {
+                        type_: "ExternalIP".into(),
+                        address: "203.0.113.5".into(),
+                    },
+                    corev1::NodeAddress { type_: "Hostname".into(), address: "n1".into() },
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        index
+    }
+
+    fn spread_slices() -> Vec<discoveryv1::EndpointSlice> {
+        vec![mk_slice(
+            "default",
+            "web-a",
+            "web",
+            &[("http", 8080, "")],
+            vec![on("n1", ready("10.0.1.1")), on("n2", ready("10.0.2.1"))],
+        )]
+    }
+
+    fn external_of(d: &Desired, addr: [u8; 4], port: u16) -> (&Frontend, &ExternalFrontend) {
+        let f = d
+            .frontends
+            .get(&ServiceKeyV4::new(addr, port, IPPROTO_TCP))
+            .unwrap_or_else(|| panic!("no frontend {addr:?}:{port} in {:?}", d.frontends.keys()));
+        (f, f.external.as_ref().expect("an external frontend"))
+    }
+
+    #[test]
+    fn nodeports_lb_ips_and_external_ips_become_external_frontends() {
+        let index = north_south(false);
+        let d = compute_for(&index, &NodeContext::named("n1"));
+        let both = vec![be("10.0.1.1", 8080), be("10.0.2.1", 8080)];
+        assert!(d.frontends[&tcp(80)].external.is_none(), "the ClusterIP stays internal");
+        for node_ip in [[192, 168, 0, 10], [203, 0, 113, 5]] {
+            let (f, e) = external_of(&d, node_ip, 30080);
+            assert_eq!((e.kind, f.backends.clone()), (ExternalKind::NodePort, both.clone()));
+            assert!(e.source_ranges.is_empty(), "ranges are for the LoadBalancer IP only");
+        }
+        let (_, e) = external_of(&d, [203, 0, 113, 10], 80);
+        assert_eq!(e.kind, ExternalKind::LoadBalancer);
+        assert_eq!(e.source_ranges, vec!["10.1.0.0/16".parse().unwrap()]);
+        for ip in [[198, 51, 100, 7], [192, 0, 2, 9]] {
+            assert_eq!(external_of(&d, ip, 80).1.kind, ExternalKind::ExternalIp);
+        }
+        // 2 node IPs + 1 LB IP + 2 external IPs + the ClusterIP.
+        assert_eq!(d.frontends.len(), 6);
+        // Another node, without a Node object here: no NodePort keys, the rest the same.
+        let d = compute_for(&index, &NodeContext::named("n9"));
+        assert_eq!(d.frontends.len(), 4);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_keeps_this_nodes_endpoints_only() {
+        let index = north_south(true);
+        let d = compute_for(&index, &NodeContext::named("n1"));
+        let (f, e) = external_of(&d, [192, 168, 0, 10], 30080);
+        assert!(e.traffic_policy_local);
+        assert_eq!(f.backends, vec![be("10.0.1.1", 8080)]);
+        assert!(!f.no_local_endpoints);
+        // The ClusterIP follows internalTrafficPolicy, not the external one.
+        assert_eq!(d.frontends[&tcp(80)].backends.len(), 2);
+        // A node with no endpoint: the external frontends drop (kube-proxy's DROP).
+        let d = compute_for(&index, &NodeContext::named("n3"));
+        let (f, _) = external_of(&d, [203, 0, 113, 10], 80);
+        assert!(f.backends.is_empty() && f.no_local_endpoints);
+    }
+
+    #[test]
+    fn the_external_ip_allowlist_skips_the_others_with_a_reason() {
+        let index = north_south(false);
+        let node = NodeContext {
+            node_name: Some("n1".into()),
+            external_ip_allow: Some(vec!["198.51.100.0/24".parse().unwrap()]),
+        };
+        let d = compute_for(&index, &node);
+        assert!(d.frontends.contains_key(&ServiceKeyV4::new([198, 51, 100, 7], 80, IPPROTO_TCP)));
+        assert!(!d.frontends.contains_key(&ServiceKeyV4::new([192, 0, 2, 9], 80, IPPROTO_TCP)));
+        assert!(
+            d.skipped
+                .iter()
+                .any(|(_, why)| why.contains("192.0.2.9") && why.contains("--external-ip-cidr")),
+            "{:?}",
+            d.skipped
+        );
+        // The LoadBalancer IP is not an externalIP: the allowlist does not apply.
+        assert!(d.frontends.contains_key(&ServiceKeyV4::new([203, 0, 113, 10], 80, IPPROTO_TCP)));
+    }
+
+    #[test]
+    fn endpoint_changes_update_external_frontends_incrementally() {
+        let mut index = north_south(true);
+        let node = NodeContext::named("n1");
+        let mut d = compute_for(&index, &node);
+        index.take_dirty();
+        index.apply(mk_slice(
+            "default",
+            "web-a",
+            "web",
+            &[("http", 8080, "")],
+            vec![on("n1", ready("10.0.1.1")), on("n1", ready("10.0.1.2"))],
+        ));
+        let dirty = index.take_dirty();
+        let changed = update(&mut d, &index, &node, &dirty).expect("incremental");
+        assert_eq!(d, compute_for(&index, &node));
+        assert!(changed.contains(&ServiceKeyV4::new([192, 168, 0, 10], 30080, IPPROTO_TCP)));
+        assert!(changed.contains(&ServiceKeyV4::new([203, 0, 113, 10], 80, IPPROTO_TCP)));
     }
 }

@@ -1508,4 +1508,43 @@ ingress: [{from: [{ipBlock: {cidr: 'fd00::/64'}}, {podSelector: {}}]}]";
         index.delete(Kind::Pod, &key("shop", "gone"));
         assert_eq!(index.take_dirty(), Dirty::default(), "deleting an unknown Pod");
     }
+
+    #[test]
+    fn north_south_fields_are_converted_and_bad_ranges_fail_closed() {
+        let mut svc = mk_service("d", "lb", "10.96.0.10", &[("http", 80, "")]);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some("LoadBalancer".into());
+        spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
+        spec.external_ips = Some(vec!["198.51.100.7".into(), "fd00::1".into(), "nope".into()]);
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32000);
+        spec.load_balancer_source_ranges = Some(vec!["10.1.2.3/16".into(), "bad".into()]);
+        let mut index = Index::new();
+        index.apply(svc.clone());
+        let k = key("d", "lb");
+        let s = index.service(&k).unwrap();
+        assert_eq!(s.ports[0].node_port, Some(30080));
+        assert_eq!(s.external.external_ips, vec![Ipv4Addr::new(198, 51, 100, 7)]);
+        assert!(s.external.traffic_policy_local);
+        assert_eq!(s.external.health_check_node_port, Some(32000));
+        // Host bits masked as the API server does; the bad entry dropped with a reason.
+        assert_eq!(s.external.source_ranges, vec!["10.1.0.0/16".parse().unwrap()]);
+        assert_eq!(
+            skips_of(&index, Kind::Service, &k).iter().map(SkipReason::label).collect::<Vec<_>>(),
+            ["invalid_external_address", "invalid_external_address"]
+        );
+        // Every range unusable: an empty list would admit everyone; one that no packet from
+        // outside matches is kept instead.
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["bad".into()]);
+        index.apply(svc.clone());
+        let s = index.service(&k).unwrap();
+        assert_eq!(s.external.source_ranges, vec!["0.0.0.0/32".parse().unwrap()]);
+        // A ClusterIP Service has no nodePort, even if the object carries one.
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some("ClusterIP".into());
+        index.apply(svc);
+        let s = index.service(&k).unwrap();
+        assert_eq!(s.ports[0].node_port, None);
+        assert!(s.external.source_ranges.is_empty() && s.external.health_check_node_port.is_none());
+    }
 }

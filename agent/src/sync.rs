@@ -803,7 +803,10 @@ impl FakeMaps {
             if let Some(other) = ids.insert(value.service_id, key) {
                 return Err(format!("{key:?} and {other:?} share service id {}", value.service_id));
             }
-            if !self.services.contains_key(&ServiceKeyV4::vip_marker(key.addr)) {
+            // External frontends (node IPs, LB and external IPs) have none, on purpose.
+            if value.flags & SVC_F_EXTERNAL == 0
+                && !self.services.contains_key(&ServiceKeyV4::vip_marker(key.addr))
+            {
                 return Err(format!("frontend {key:?} has no VIP marker"));
             }
             for slot in 0..value.backend_count {
@@ -1482,5 +1485,37 @@ mod tests {
                 prop_assert_eq!(maps.check_matches(&kept), Ok(()));
             }
         }
+    }
+
+    #[test]
+    fn external_frontends_carry_their_flags_and_no_vip_marker() {
+        use crate::desired::{ExternalFrontend, ExternalKind};
+        let node_ip = [192, 168, 0, 10];
+        let np = ServiceKeyV4::new(node_ip, 30080, IPPROTO_TCP);
+        let backends = vec![BackendV4::new([10, 0, 0, 1], 8080, IPPROTO_TCP)];
+        let frontend = Frontend {
+            service: ObjectKey::namespaced("d", "lb"),
+            port_name: String::new(),
+            backends,
+            draining: Vec::new(),
+            session_affinity: SessionAffinity::None,
+            no_local_endpoints: false,
+            external: Some(ExternalFrontend {
+                kind: ExternalKind::LoadBalancer,
+                traffic_policy_local: true,
+                source_ranges: vec!["10.1.0.0/16".parse().unwrap()],
+            }),
+        };
+        let desired = Desired { frontends: BTreeMap::from([(np, frontend)]), skipped: Vec::new() };
+        let mut maps = FakeMaps::new();
+        let mut syncer = Syncer::new();
+        syncer.apply(&desired, &mut maps).unwrap();
+        maps.check_matches(&desired).unwrap();
+        let value = maps.services[&np];
+        assert_eq!(value.flags, SVC_F_EXTERNAL | SVC_F_ETP_LOCAL | SVC_F_SOURCE_RANGES);
+        assert!(
+            !maps.services.contains_key(&ServiceKeyV4::vip_marker(node_ip)),
+            "a node IP must not become a VIP marker: ICMP and fragments to it would be dropped"
+        );
     }
 }
