@@ -129,9 +129,10 @@ fn try_xdp(ctx: &XdpContext) -> Result<Done, Reason> {
         return Err(Reason::DropSourceRange);
     }
     let fwd = match lb::plan(&pkt, svc, now) {
-        // tc answers with a RST or an ICMP error; XDP leaves the packet to it.
+        // tc answers with a RST or an ICMP error (and counts it); XDP leaves the packet
+        // to it.
         Err(Reason::DropNoBackends) if svc.flags & SVC_F_DROP_EMPTY == 0 => {
-            return pass(Reason::DropNoBackends);
+            return pass(Reason::PassNotService);
         }
         other => other?,
     };

@@ -69,6 +69,10 @@ fn services(external: Ipv4Addr) -> String {
          spec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_PORT}\n\
          \x20 selector: {{app: peer}}\n  ports:\n\
          \x20 - {{name: t, port: 80, targetPort: 7000, nodePort: 30704, protocol: TCP}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: np-empty, namespace: demo}}\n\
+         spec:\n  type: NodePort\n  selector: {{app: nobody}}\n  ports:\n\
+         \x20 - {{name: t, port: 80, nodePort: 30705, protocol: TCP}}\n\
+         \x20 - {{name: u, port: 80, nodePort: 30705, protocol: UDP}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: peer-eip, namespace: demo}}\n\
          spec:\n  selector: {{app: peer}}\n  externalIPs: [\"{EXTERNAL_IP}\"]\n  ports:\n\
          \x20 - {{name: t, port: 80, targetPort: 7000, protocol: TCP}}\n"
@@ -239,9 +243,8 @@ fn counter(lab: &Lab, node: u8, hook: &str, reason: &str) -> u64 {
 /// NodePort requests through node 0 to peer-1 (on node 1): the remote path.
 fn remote_requests(lab: &Setup, n: usize) {
     let addr = SocketAddrV4::new(node_ip(lab, 0), 30700);
-    lab.cluster.wait_until("the NodePort answers", CONVERGE, || {
-        external_tcp(lab, addr, TIMEOUT).is_ok()
-    });
+    lab.cluster
+        .wait_until("the NodePort answers", CONVERGE, || external_tcp(lab, addr, TIMEOUT).is_ok());
     for i in 0..n {
         let seen = external_tcp(lab, addr, TIMEOUT).unwrap_or_else(|e| panic!("request {i}: {e}"));
         assert_eq!(seen, node_ip(lab, 0).to_string());
@@ -272,6 +275,21 @@ fn xdp_translates_nodeport_flows_and_tc_alone_does_the_same_with_xdp_off() {
     assert!(counter(&lab, 0, "from_netdev", "nat-new") >= 20, "tc DNATs the flows");
     assert!(counter(&lab, 0, "to_netdev", "snat-new") >= 20, "tc SNATs them");
     assert!(counter(&lab, 0, "from_netdev", "rev-snat") >= 20, "and reverses the replies");
+}
+
+#[test]
+fn nodeport_keeps_working_while_the_agent_is_killed_and_restarted() {
+    let mut lab = cluster();
+    remote_requests(&lab, 5);
+    lab.cluster.kill_agent(0);
+    // The pinned programs (XDP, tc) and maps keep translating with no agent.
+    remote_requests(&lab, 10);
+    lab.cluster.start_agent(0);
+    // The new agent replaces the programs of the pinned XDP link in one step.
+    lab.cluster.wait_until("the restarted agent takes over the XDP link", CONVERGE, || {
+        lab.cluster.agent_log(0).contains("mode=\"pinned\"")
+    });
+    remote_requests(&lab, 10);
 }
 
 /// `GET /healthz` on `addr` from the external client: the status code and the body.
@@ -313,6 +331,21 @@ fn health_check_node_port_answers_200_where_endpoints_are_local_and_503_elsewher
         .expect("the Local NodePort of lb-local on node 1");
     assert_eq!(seen, lab.external_ip().expect("external").to_string());
     assert!(external_tcp(&lab, SocketAddrV4::new(node_ip(&lab, 0), 30704), SILENCE).is_err());
+}
+
+#[test]
+fn a_nodeport_without_endpoints_refuses_at_once() {
+    let lab = cluster();
+    remote_requests(&lab, 1);
+    for node in 0..2 {
+        let addr = SocketAddrV4::new(node_ip(&lab, node), 30705);
+        let started = std::time::Instant::now();
+        let err = external_tcp(&lab, addr, TIMEOUT).expect_err("a Service without endpoints");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "node {node} TCP: {err}");
+        assert!(started.elapsed() < Duration::from_millis(500), "refused, not timed out");
+        let err = external_udp(&lab, addr, TIMEOUT).expect_err("UDP without endpoints");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "node {node} UDP: {err}");
+    }
 }
 
 /// Raises the open-files limit to its hard maximum: the SNAT test holds 2,000 sockets.
