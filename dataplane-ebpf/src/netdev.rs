@@ -62,7 +62,7 @@ fn untouched(pkt: &parse::Packet) -> Reason {
 #[inline(always)]
 pub fn source_allowed(service_id: u32, client: [u8; 4]) -> bool {
     let key = Key::new(SourceRangeV4::prefix_len(32), SourceRangeV4::new(service_id, client));
-    SOURCE_RANGES_V4.get(&key).is_some()
+    SOURCE_RANGES_V4.get(key).is_some()
 }
 
 #[inline(always)]

@@ -72,7 +72,7 @@ fn touch(e: &mut NatValueV4, pkt: &Packet, now: u64) {
 fn masquerades(cfg: &NatConfig, pkt: &Packet) -> bool {
     cfg.flags & NAT_CFG_MASQUERADE != 0
         && cfg.is_pod(pkt.saddr)
-        && NO_MASQ_V4.get(&Key::new(32, pkt.daddr)).is_none()
+        && NO_MASQ_V4.get(Key::new(32, pkt.daddr)).is_none()
 }
 
 /// A packet leaving through the node's external interface. `nodeport`: it carries
@@ -154,7 +154,7 @@ fn start(
     let out = key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, NAT_DIR_OUT);
     let state = ct::advance(pkt.proto, 0, pkt.tcp_flags, now).0;
     let value = NatValueV4 { addr: cfg.node_ip, port, flags, state, last_seen_ns: now };
-    NAT_V4.insert(&out, &value, 0).map_err(|_| Reason::DropCtInsertFailed)?;
+    NAT_V4.insert(out, value, 0).map_err(|_| Reason::DropCtInsertFailed)?;
     Ok(port)
 }
 
@@ -175,7 +175,7 @@ pub fn lookup_reverse(pkt: &Packet, now: u64) -> Option<([u8; 4], [u8; 2], bool)
 fn owns_port(pkt: &Packet, node_ip: [u8; 4], port: [u8; 2]) -> bool {
     let k = key(pkt.daddr, node_ip, pkt.dport, port, pkt.proto, NAT_DIR_IN);
     // SAFETY: plain-data value read once.
-    match unsafe { NAT_V4.get(&k) } {
+    match unsafe { NAT_V4.get(k) } {
         Some(v) => v.addr == pkt.saddr && v.port == pkt.sport,
         None => false,
     }
@@ -207,7 +207,7 @@ fn allocate(
             continue;
         }
         let k = key(pkt.daddr, cfg.node_ip, pkt.dport, port, pkt.proto, NAT_DIR_IN);
-        if NAT_V4.insert(&k, &client, u64::from(BPF_NOEXIST)).is_ok() {
+        if NAT_V4.insert(k, client, u64::from(BPF_NOEXIST)).is_ok() {
             return Ok(port);
         }
     }
