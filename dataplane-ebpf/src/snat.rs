@@ -14,6 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nodeplane_common::{
+    ct::{TCP_FLAG_ACK, TCP_FLAG_SYN},
     maps::{IPPROTO_TCP, IPPROTO_UDP},
     nat::{
         NAT_CFG_MASQUERADE, NAT_DIR_IN, NAT_DIR_OUT, NAT_F_NODEPORT, NAT_PROBES, NatConfig,
@@ -97,17 +98,25 @@ pub fn egress(
         return Ok(None);
     }
     let out = key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, NAT_DIR_OUT);
-    if let Some(entry) = NAT_V4.get_ptr_mut(out) {
+    let mapped = NAT_V4.get_ptr_mut(out);
+    if let Some(entry) = mapped {
         // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
         let e = unsafe { &mut *entry };
         // The port is still this flow's only while its IN entry says so: an evicted IN
-        // entry may have let another flow claim the port.
+        // entry may have let another flow claim the port (the flow then gets a new one).
         if owns_port(pkt, e.addr, e.port) {
             touch(e, pkt, now);
             let (addr, port) = (e.addr, e.port);
             nat::snat(ctx, pkt, addr, port)?;
             return Ok(Some(Reason::Snat));
         }
+    }
+    // A masqueraded TCP flow starts with the pod's SYN, as iptables' MASQUERADE only NATs
+    // new connections: a segment of a flow never mapped (a pod's SYN-ACK to a peer that
+    // reached its address directly) leaves as it is.
+    let syn = pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    if !nodeport && mapped.is_none() && pkt.proto == IPPROTO_TCP && !syn {
+        return Ok(None);
     }
     let flags = if nodeport { NAT_F_NODEPORT } else { 0 };
     let port = start(ctx.skb.skb.cast(), pkt, &cfg, flags, now)?;

@@ -20,6 +20,10 @@
 //!
 //! Checksums are updated incrementally (RFC 1624): what arrives on a real interface carries
 //! complete checksums.
+//!
+//! XDP_TX forwards like the kernel's own forwarding path, which tc relies on: the TTL is
+//! decremented, and a packet whose TTL would expire is left to the stack (it answers with
+//! an ICMP time exceeded).
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     helpers::bpf_fib_lookup as fib_lookup,
@@ -146,18 +150,23 @@ fn try_xdp(ctx: &XdpContext) -> Result<Done, Reason> {
     let out_same = fib.ifindex == ingress;
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && out_same && svc.flags & SVC_F_ETP_LOCAL == 0 {
         // A backend behind another node: DNAT and SNAT here, back out at once.
+        if !ttl_left(ctx) {
+            return pass(Reason::PassNotService);
+        }
         let to = Packet { daddr: addr, dport: port, ..copy(&pkt) };
         let (node_ip, nat_port, reason) = snat::nodeport_source(ctx.ctx.cast(), &to, now)?;
         lb::record(&pkt, &fwd, now)?;
         set_dst(ctx, &pkt, addr, port)?;
         set_src(ctx, &to, node_ip, nat_port)?;
         set_macs(ctx, &fib)?;
+        dec_ttl(ctx)?;
         return Ok((xdp_action::XDP_TX, reason));
     }
     let routed = rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64;
     if routed && !out_same {
-        // A backend on this node (a pod's veth, or the node itself): DNAT, the stack
-        // delivers it and the reply leaves through `to_netdev`.
+        // A backend on this node (a pod's veth): DNAT, the stack delivers it and the reply
+        // leaves through `to_netdev`. (The node itself is no forwarding destination: the
+        // lookup says so and the packet goes to tc untouched.)
         lb::record(&pkt, &fwd, now)?;
         set_dst(ctx, &pkt, addr, port)?;
         return pass(fwd.reason);
@@ -195,10 +204,14 @@ fn reply(
         // tc: `from_netdev` gives the destination back, `to_netdev` the source.
         return pass(Reason::PassNotService);
     }
+    if !ttl_left(ctx) {
+        return pass(Reason::PassNotService);
+    }
     rev.refresh(&back);
     set_dst(ctx, pkt, client, cport)?;
     set_src(ctx, &back, rev.vip, rev.vport)?;
     set_macs(ctx, &fib)?;
+    dec_ttl(ctx)?;
     Ok((xdp_action::XDP_TX, Reason::RevSnat))
 }
 
@@ -287,6 +300,33 @@ fn set_dst(ctx: &XdpContext, pkt: &Packet, addr: [u8; 4], port: [u8; 2]) -> Resu
 #[inline(always)]
 fn set_src(ctx: &XdpContext, pkt: &Packet, addr: [u8; 4], port: [u8; 2]) -> Result<(), Reason> {
     rewrite(ctx, pkt, ETH_HLEN + 12, (pkt.saddr, pkt.sport), (addr, port), L4_OFF)
+}
+
+/// Can the packet be forwarded (XDP_TX) with its TTL decremented? A TTL of 0 or 1 would
+/// expire here: the stack must answer with an ICMP time exceeded, so XDP leaves the packet
+/// to tc and the kernel's forwarding path.
+#[inline(always)]
+fn ttl_left(ctx: &XdpContext) -> bool {
+    // SAFETY: bounds checked by `at`.
+    at(ctx, ETH_HLEN + 8, 1).is_some_and(|ttl| unsafe { *ttl } > 1)
+}
+
+/// XDP_TX forwards the packet as a router does (RFC 1812 5.3.1): TTL minus one, header
+/// checksum updated, exactly as the kernel does on the tc path. Call after [`ttl_left`].
+#[inline(always)]
+fn dec_ttl(ctx: &XdpContext) -> Result<(), Reason> {
+    // The TTL shares its 16-bit checksum word with the protocol.
+    let word = at(ctx, ETH_HLEN + 8, 2).ok_or(Reason::DropRewriteFailed)?;
+    let ip_csum = at(ctx, ETH_HLEN + 10, 2).ok_or(Reason::DropRewriteFailed)?;
+    // SAFETY: both pointers were bounds-checked by `at`; the fields are byte arrays.
+    unsafe {
+        let old = *(word as *const [u8; 2]);
+        let new = [old[0].wrapping_sub(1), old[1]];
+        let check = u16::from_be_bytes(*(ip_csum as *const [u8; 2]));
+        *(ip_csum as *mut [u8; 2]) = csum::replace2(check, old, new).to_be_bytes();
+        *(word as *mut [u8; 2]) = new;
+    }
+    Ok(())
 }
 
 /// The next hop's Ethernet addresses from a successful FIB lookup.

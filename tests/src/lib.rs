@@ -9,6 +9,7 @@ pub mod bench_policy;
 pub mod cluster;
 pub mod multinode;
 pub mod netpol;
+pub mod ns_run;
 pub mod packet;
 pub mod policy_gen;
 pub mod run;

@@ -428,3 +428,19 @@ fn a_nodeport_flow_through_tc_is_dnated_marked_snated_and_its_reply_restored() {
     let out = fx.expect(names::PROG_FROM_NETDEV, &denied, 0, TC_ACT_SHOT, Reason::DropSourceRange);
     assert_eq!(out, denied, "dropped untranslated");
 }
+
+/// A masqueraded TCP flow starts with the pod's SYN: a SYN-ACK (the pod answering a peer
+/// that reached its address directly) or a stray segment without a mapping leaves as it
+/// is, where MASQUERADE in iptables would not touch it either.
+#[test]
+fn only_a_pods_syn_starts_a_masqueraded_tcp_flow() {
+    let mut fx = Fx::new(masquerade(NODE_IP, 4));
+    let (pod, peer) = ((POD, 8080), (PEER, 51000));
+    fx.untouched(&frame(IPPROTO_TCP, pod, peer, TCP_SYN | TCP_ACK), 0);
+    fx.untouched(&frame(IPPROTO_TCP, pod, peer, TCP_ACK), 0);
+    assert_eq!(fx.nat_len(), 0, "no mapping for segments of a flow the pod did not open");
+    // A NodePort flow (MARK_SNAT) is SNATed whatever its flags: its SYN came through here.
+    let port =
+        fx.snat(&frame(IPPROTO_TCP, (CLIENT, 40000), peer, TCP_ACK), MARK_SNAT, Reason::SnatNew);
+    assert!(in_range(port, 4));
+}
