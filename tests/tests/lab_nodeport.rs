@@ -458,6 +458,34 @@ fn pods_leave_the_cluster_masqueraded_and_a_thousand_concurrent_flows_keep_their
         let port = peer.port();
         assert!((61_000..=65_535).contains(&port), "port {port} outside the SNAT range");
     }
+    // While they are all open, `inspect nat` lists each of them, translated, with its reply
+    // path in place.
+    let node = lab.node(0).expect("node 0");
+    let argv = [
+        "inspect".to_string(),
+        "--bpffs-dir".into(),
+        node.bpffs_dir().display().to_string(),
+        "--state-dir".into(),
+        node.agent_state_dir().display().to_string(),
+        "-o".into(),
+        "json".into(),
+        "nat".into(),
+    ];
+    let agent = std::env::var("NODEPLANE_AGENT_BIN").expect("NODEPLANE_AGENT_BIN");
+    let out = netns::enter_command(&node.netns(), agent, &argv)
+        .expect("entering node 0")
+        .output()
+        .expect("running inspect nat");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let to_target: Vec<&serde_json::Value> = report["snat"]
+        .as_array()
+        .expect("snat lines")
+        .iter()
+        .filter(|e| e["peer"] == target.to_string())
+        .collect();
+    assert_eq!(to_target.len(), EGRESS_CONNECTIONS, "one SNAT line per connection");
+    assert!(to_target.iter().all(|e| e["kind"] == "masquerade" && e["reverse_nat"] == true));
     let peers = tokens.finish();
     let ports: BTreeSet<u16> = peers.iter().map(SocketAddrV4::port).collect();
     assert_eq!(peers.len(), EGRESS_CONNECTIONS);

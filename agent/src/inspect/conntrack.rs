@@ -57,6 +57,8 @@ impl Filter {
 pub struct CtTables {
     pub ct: BTreeMap<CtKeyV4, CtValueV4>,
     pub policy_ct: BTreeMap<PolicyCtKey, PolicyCtValue>,
+    /// `NAT_V4` (read for `inspect nat`; may be left empty otherwise).
+    pub nat: NatTable,
     pub now_ns: u64,
     /// `POLICY_CONFIG.revision`: a policy entry of an older one is re-checked.
     pub revision: u32,
@@ -128,6 +130,58 @@ pub struct NatEntry {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct NatReport {
     pub translations: Vec<NatEntry>,
+    /// SNAT flows (`NAT_V4`): masquerade and NodePort flows sent to another node.
+    pub snat: Vec<SnatEntry>,
+}
+
+/// One SNATed flow of `inspect nat`, from its OUT entry (or its IN entry alone).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SnatEntry {
+    pub protocol: String,
+    /// The source before SNAT: a pod (masquerade) or an outside client (NodePort).
+    pub client: SocketAddrV4,
+    /// Where the flow goes.
+    pub peer: SocketAddrV4,
+    /// The source it leaves with: node IP and allocated port.
+    pub translated: SocketAddrV4,
+    /// `masquerade` or `nodeport`.
+    pub kind: &'static str,
+    /// TCP state seen in the client's direction.
+    pub state: &'static str,
+    pub idle_s: f64,
+    /// The IN entry exists and names this client: replies come back. `false` for an entry
+    /// whose port went to another flow or whose IN entry was evicted (it will reallocate).
+    pub reverse_nat: bool,
+}
+
+/// The `NAT_V4` entries, as `inspect nat` reads them.
+pub type NatTable = std::collections::BTreeMap<CtKeyV4, nodeplane_common::nat::NatValueV4>;
+
+/// The SNAT lines: one per OUT entry.
+pub fn snat(nat: &NatTable, filter: &Filter, now_ns: u64) -> Vec<SnatEntry> {
+    use nodeplane_common::nat::{NAT_DIR_OUT, NAT_F_NODEPORT};
+    let mut out = Vec::new();
+    for (k, v) in nat.iter().filter(|(k, _)| k.dir == NAT_DIR_OUT) {
+        let (client, peer, translated) =
+            (sa(k.saddr, k.sport), sa(k.daddr, k.dport), sa(v.addr, v.port));
+        if !filter.admits(k.proto, &[client, peer, translated]) {
+            continue;
+        }
+        let reverse_nat =
+            nat.get(&v.partner(k)).is_some_and(|r| (r.addr, r.port) == (k.saddr, k.sport));
+        out.push(SnatEntry {
+            protocol: proto_name(k.proto),
+            client,
+            peer,
+            translated,
+            kind: if v.flags & NAT_F_NODEPORT != 0 { "nodeport" } else { "masquerade" },
+            state: state_name(k.proto, v.state),
+            idle_s: round(now_ns.saturating_sub(v.last_seen_ns) as f64 / 1e9),
+            reverse_nat,
+        });
+    }
+    out.sort_by_key(|e| (e.client, e.peer));
+    out
 }
 
 fn sa(addr: [u8; 4], port: [u8; 2]) -> SocketAddrV4 {
@@ -311,7 +365,7 @@ pub fn nat(t: &CtTables, filter: &Filter, names: &NameIndex) -> NatReport {
         translations.push(entry);
     }
     translations.sort_by_key(|e| (e.client, e.frontend));
-    NatReport { translations }
+    NatReport { translations, snat: snat(&t.nat, filter, t.now_ns) }
 }
 
 /// The ORIGINAL key of the flow a REPLY entry belongs to (hairpin flows included): the
@@ -415,10 +469,26 @@ pub fn nat_table(r: &NatReport) -> String {
             e.kind.into(),
         ]);
     }
+    let mut s =
+        Table::new(&["PROTO", "CLIENT", "PEER", "TRANSLATED", "KIND", "STATE", "IDLE", "REVERSE"]);
+    for e in &r.snat {
+        s.row(vec![
+            e.protocol.clone(),
+            e.client.to_string(),
+            e.peer.to_string(),
+            e.translated.to_string(),
+            e.kind.into(),
+            e.state.into(),
+            secs(e.idle_s),
+            if e.reverse_nat { "yes".into() } else { "no".into() },
+        ]);
+    }
     format!(
-        "{} translations (service DNAT and its reverse NAT; no SNAT table yet)\n{}",
+        "{} translations (service DNAT and its reverse NAT)\n{}\n{} SNAT flows (to the node IP)\n{}",
         r.translations.len(),
-        t.render()
+        t.render(),
+        r.snat.len(),
+        s.render()
     )
 }
 
@@ -558,6 +628,43 @@ mod tests {
         );
         assert_eq!(r.translations[1].frontend.to_string(), "10.96.0.10:80");
         let text = nat_table(&r);
-        assert!(text.contains("no SNAT table yet") && text.contains("reply-only"), "{text}");
+        assert!(text.contains("0 SNAT flows") && text.contains("reply-only"), "{text}");
+    }
+
+    #[test]
+    fn snat_lines_come_from_out_entries_and_check_their_reverse() {
+        use nodeplane_common::nat::{NAT_DIR_OUT, NAT_F_NODEPORT, NatValueV4};
+        let mut t = tables();
+        let out = key(([10, 244, 0, 9], 40000), ([198, 18, 0, 2], 80), IPPROTO_TCP, NAT_DIR_OUT);
+        let v = NatValueV4 {
+            addr: [192, 168, 0, 10],
+            port: 61000u16.to_be_bytes(),
+            state: 2,
+            last_seen_ns: NOW - 3 * NSEC_PER_SEC,
+            ..NatValueV4::default()
+        };
+        let back = NatValueV4 { addr: out.saddr, port: out.sport, ..v };
+        t.nat.insert(out, v);
+        t.nat.insert(v.partner(&out), back);
+        // A NodePort flow whose IN entry went to another client.
+        let np = key(([203, 0, 113, 7], 5000), ([10, 244, 1, 5], 8080), IPPROTO_TCP, NAT_DIR_OUT);
+        let w = NatValueV4 { flags: NAT_F_NODEPORT, port: 61001u16.to_be_bytes(), ..v };
+        t.nat.insert(np, w);
+        t.nat.insert(w.partner(&np), NatValueV4 { addr: [1, 2, 3, 4], ..back });
+        let r = nat(&t, &Filter::default(), &NameIndex::default());
+        let lines: Vec<_> = r
+            .snat
+            .iter()
+            .map(|e| (e.client.to_string(), e.translated.to_string(), e.kind, e.reverse_nat))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                ("10.244.0.9:40000".into(), "192.168.0.10:61000".into(), "masquerade", true),
+                ("203.0.113.7:5000".into(), "192.168.0.10:61001".into(), "nodeport", false),
+            ]
+        );
+        assert_eq!((r.snat[0].state, r.snat[0].idle_s), ("established", 3.0));
+        assert!(nat_table(&r).contains("2 SNAT flows"));
     }
 }

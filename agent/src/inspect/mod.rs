@@ -184,6 +184,10 @@ pub fn run(args: &InspectArgs) -> Result<String, InspectError> {
             let tables = conntrack::CtTables {
                 ct: PinnedMaps::all(&maps.ct, map_names::CT_V4)?,
                 policy_ct: PinnedMaps::all(&maps.policy_ct, map_names::POLICY_CT_V4)?,
+                nat: match &args.command {
+                    InspectCommand::Nat(_) => PinnedMaps::all(&maps.nat, map_names::NAT_V4)?,
+                    _ => Default::default(),
+                },
                 now_ns: monotonic_ns(),
                 revision: maps.policy_revision()?,
             };

@@ -95,6 +95,8 @@ pub struct PinnedMaps {
     pub policy_exact: HashMap<MapData, PolicyKey, PolicyValue>,
     pub policy_config: Array<MapData, PolicyConfig>,
     pub policy_ct: HashMap<MapData, PolicyCtKey, PolicyCtValue>,
+    /// The SNAT table.
+    pub nat: HashMap<MapData, CtKeyV4, nodeplane_common::nat::NatValueV4>,
 }
 
 /// The pinned `from_pod` and `to_pod`: the programs the links run.
@@ -179,6 +181,7 @@ impl Pins {
             policy_exact: self.map(names::POLICY_EXACT_V4)?,
             policy_config: self.map(names::POLICY_CONFIG)?,
             policy_ct: self.map(names::POLICY_CT_V4)?,
+            nat: self.map(names::NAT_V4)?,
         })
     }
 
