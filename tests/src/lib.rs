@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 pub mod bench_agent;
 pub mod bench_api;
+pub mod bench_nodeport;
 pub mod bench_policy;
 pub mod cluster;
 pub mod multinode;

@@ -107,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             step("running benchmarks (release build)");
             let mut cmd = Command::new(bins(true).bench);
             cmd.args(&args);
+            bin_env(&mut cmd, true);
             run(&mut cmd)
         }
     }

@@ -9,7 +9,8 @@ use crate::{run, step};
 /// The bpf-linker release that reads nightly 1.97's LLVM 22 bitcode (shared/docs/toolchain.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages and a command each provides, checked before installing.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool")];
+const DEBIAN_PACKAGES: &[(&str, &str)] =
+    &[("iproute2", "ip"), ("ethtool", "ethtool"), ("iptables", "iptables-restore")];
 
 pub fn ensure() -> anyhow::Result<()> {
     debian_packages()?;

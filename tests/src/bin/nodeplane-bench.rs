@@ -6,7 +6,8 @@
 //!
 //! `nodeplane-bench [SECTION]...` runs only the sections named (`datapath`, `agent`,
 //! `policy`, `census`, `ctgc`, `api`, or one part of it: `api-start`, `api-memory`,
-//! `api-latency`); no argument runs them all.
+//! `api-latency`; `nodeport`: NodePort from the lab's external client through XDP, tc and
+//! iptables); no argument runs them all.
 //!
 //! Method for the packet path: every sample is one `BPF_PROG_TEST_RUN` with `repeat = 1`
 //! (with `repeat > 1` the kernel would rerun the program on the frame it already rewrote, so
@@ -98,7 +99,7 @@ fn measure_round(c: &mut Config, out: &mut [u8]) {
 }
 
 /// The sections, in the order they run: name and what it measures.
-const SECTIONS: [(&str, &str); 9] = [
+const SECTIONS: [(&str, &str); 10] = [
     ("datapath", "per-packet cost of from_pod (BPF_PROG_TEST_RUN)"),
     ("agent", "programming 10,000 services into empty maps"),
     ("policy", "NetworkPolicy: 10,000 pods with 1 and 1,000 policies, per packet and relabel"),
@@ -108,6 +109,10 @@ const SECTIONS: [(&str, &str); 9] = [
     ("api-start", "source start to first full sync, with and without 50,000 Pods"),
     ("api-memory", "the agent binary's resident memory, with and without 50,000 Pods"),
     ("api-latency", "network programming latency at 20 endpoint changes per second"),
+    (
+        "nodeport",
+        "NodePort from an external client: XDP, tc, iptables, pod IP; 1 to 10,000 Services",
+    ),
 ];
 
 fn usage() -> String {
@@ -151,6 +156,9 @@ fn main() {
     };
     if parts.start || parts.memory || parts.latency {
         nodeplane_tests::bench_api::run(parts);
+    }
+    if wanted("nodeport") {
+        nodeplane_tests::bench_nodeport::run();
     }
 }
 
