@@ -159,9 +159,10 @@ pub struct RunArgs {
     )]
     pub non_masquerade_cidrs: Vec<Ipv4Cidr>,
 
-    /// Ports SNATed flows get. Must not overlap the NodePort range (30000-32767) nor the
-    /// node's ip_local_port_range (32768-60999 by default).
-    #[arg(long, env = "NODEPLANE_MASQUERADE_PORT_RANGE", default_value = "61000-65535",
+    /// Ports SNATed flows get (unique per destination). Must not overlap the NodePort range
+    /// (30000-32767); should stay out of the node's ip_local_port_range (32768-60999 by
+    /// default), which its own connections use. Ports of the node's listeners are skipped.
+    #[arg(long, env = "NODEPLANE_MASQUERADE_PORT_RANGE", default_value = "1024-29999",
           value_parser = parse_port_range, value_name = "MIN-MAX")]
     pub masquerade_port_range: (u16, u16),
 
@@ -812,7 +813,7 @@ mod tests {
         let c = resolve(&["--node-name=n"], "").unwrap();
         assert_eq!(c.external.xdp, XdpMode::Auto);
         assert!(c.external.masquerade);
-        assert_eq!(c.external.port_range, (61_000, 65_535));
+        assert_eq!(c.external.port_range, (1024, 29_999));
         assert_eq!(c.external.external_ip_allow, None, "kube-proxy programs every externalIP");
         let c = resolve(
             &[

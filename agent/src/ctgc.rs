@@ -479,14 +479,26 @@ pub fn run_pass(maps: &mut GcMaps, pass: Pass) -> Result<PassReport, GcError> {
 }
 
 /// Whether a `NAT_V4` entry is dead at `now`: idle past the conntrack lifetime of its TCP
-/// state (or UDP's), or, with `partner_alive` false, idle for the closing timeout (its
-/// flow's other entry was evicted or deleted: the flow cannot work any more, and the IN
-/// entry would hold its port).
-pub fn nat_dead(key: &CtKeyV4, value: &NatValueV4, now: u64, partner_alive: bool) -> bool {
+/// state (or UDP's), or idle for the closing timeout while its flow's other entry is gone
+/// (evicted or deleted: the flow cannot work any more, and an IN entry would hold its
+/// port) or closed for as long. The datapath's allocator reclaims a taken port by the same
+/// rule (`snat.rs`, `dead`).
+pub fn nat_dead(key: &CtKeyV4, value: &NatValueV4, now: u64, partner: Option<&NatValueV4>) -> bool {
     use nodeplane_common::ct::{TCP_CLOSE_TIMEOUT_NS, TcpState, lifetime_ns};
     let idle = now.saturating_sub(value.last_seen_ns);
-    idle > lifetime_ns(key.proto, TcpState::from_u8(value.state))
-        || (!partner_alive && idle > TCP_CLOSE_TIMEOUT_NS)
+    if idle > lifetime_ns(key.proto, TcpState::from_u8(value.state)) {
+        return true;
+    }
+    if idle <= TCP_CLOSE_TIMEOUT_NS {
+        return false;
+    }
+    match partner {
+        None => true,
+        Some(p) => {
+            matches!(TcpState::from_u8(p.state), TcpState::Closing | TcpState::Closed)
+                && now.saturating_sub(p.last_seen_ns) > TCP_CLOSE_TIMEOUT_NS
+        }
+    }
 }
 
 /// The `NAT_V4` part of an expiry pass.
@@ -504,8 +516,9 @@ fn expire_nat(
     let now = monotonic_ns();
     let mut deleted = Deleted::default();
     for (key, value) in &entries {
-        let partner_alive = entries.contains_key(&value.partner(key));
-        if !nat_dead(key, value, now, partner_alive) {
+        let partner = entries.get(&value.partner(key));
+        let partner_alive = partner.is_some();
+        if !nat_dead(key, value, now, partner) {
             continue;
         }
         // Only if not used since the walk read it.
@@ -1005,15 +1018,18 @@ mod tests {
         };
         let now = 100_000 * NSEC_PER_SEC;
         let est = value(TcpState::Established, 100_000 - 3600);
-        assert!(!nat_dead(&out, &est, now, true), "an established flow idle 1 h lives");
-        assert!(nat_dead(&out, &est, now, false), "but not once its IN entry is gone");
+        let live = value(TcpState::Established, 100_000 - 1);
+        assert!(!nat_dead(&out, &est, now, Some(&live)), "an established flow idle 1 h lives");
+        assert!(nat_dead(&out, &est, now, None), "but not once its IN entry is gone");
         let closing = value(TcpState::Closing, 100_000 - 11);
-        assert!(nat_dead(&out, &closing, now, true), "a closed flow frees its port after 10 s");
+        assert!(nat_dead(&out, &closing, now, Some(&live)), "closed: its port is free after 10 s");
+        assert!(nat_dead(&out, &est, now, Some(&closing)), "closed on the other side too");
         let fresh = value(TcpState::Closing, 100_000 - 5);
-        assert!(!nat_dead(&out, &fresh, now, false));
+        assert!(!nat_dead(&out, &fresh, now, None));
+        assert!(!nat_dead(&out, &est, now, Some(&fresh)), "closed only 5 s ago");
         let udp = CtKeyV4 { proto: IPPROTO_UDP, ..out };
-        assert!(nat_dead(&udp, &value(TcpState::None, 100_000 - 61), now, true));
-        assert!(!nat_dead(&udp, &value(TcpState::None, 100_000 - 59), now, true));
+        assert!(nat_dead(&udp, &value(TcpState::None, 100_000 - 61), now, Some(&live)));
+        assert!(!nat_dead(&udp, &value(TcpState::None, 100_000 - 59), now, Some(&live)));
         // The partner keys point at each other.
         let partner = est.partner(&out);
         assert_eq!(partner.dir, NAT_DIR_IN);

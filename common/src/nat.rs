@@ -146,11 +146,13 @@ impl NatValueV4 {
     }
 }
 
-/// Default allocator range: above Linux's default `ip_local_port_range` (32768–60999), so
-/// the node's own outgoing connections never pick a port a NATed flow holds, and far from
-/// the NodePort range (30000–32767).
-pub const NAT_PORT_MIN_DEFAULT: u16 = 61_000;
-pub const NAT_PORT_MAX_DEFAULT: u16 = 65_535;
+/// Default allocator range: the unprivileged ports below the NodePort range (30000–32767)
+/// and Linux's default `ip_local_port_range` (32768–60999), so neither a NodePort nor the
+/// node's own outgoing connections ever share a port with a NATed flow; the node's
+/// listeners in the range are skipped at allocation. 28,976 ports per destination, about
+/// what kube-proxy's MASQUERADE gets from the ephemeral range.
+pub const NAT_PORT_MIN_DEFAULT: u16 = 1_024;
+pub const NAT_PORT_MAX_DEFAULT: u16 = 29_999;
 
 /// The `probe`-th candidate port for a flow whose random start is `seed`: a walk over the
 /// range from a random point, so consecutive probes never repeat until the range is

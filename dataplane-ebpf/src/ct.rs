@@ -182,6 +182,30 @@ pub fn create(
     CT_V4.insert(original_key(pkt), original, 0).map_err(|_| Reason::DropCtInsertFailed)
 }
 
+/// A client's TCP SYN straight to an address that is not a frontend: if a service flow's
+/// REPLY entry has this very tuple reversed (the same client port once reached the same
+/// backend through a Service, and that flow is closing), the new connection supersedes
+/// it: the entry is deleted, or it would turn the new connection's replies into the old
+/// frontend's. Only the first packet of a connection pays the lookup.
+#[inline(always)]
+pub fn forget_superseded(pkt: &Packet) {
+    use nodeplane_common::ct::{TCP_FLAG_ACK, TCP_FLAG_SYN};
+    if pkt.proto != IPPROTO_TCP || pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+        return;
+    }
+    let key = CtKeyV4 {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    // Absent is the common case; a failed delete changes nothing.
+    let _ = CT_V4.remove(key);
+}
+
 /// Drops the REPLY entry of a flow whose backend is being replaced.
 #[inline(always)]
 pub fn forget_reply(pkt: &Packet, original: &CtValueV4) {

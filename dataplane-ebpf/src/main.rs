@@ -120,6 +120,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<Reason, Reason> {
         }
         return lb::commit(ctx, &pkt, &fwd, now);
     }
+    if pkt.frag == parse::Frag::None {
+        ct::forget_superseded(&pkt);
+    }
     judge_then_reverse(ctx, &pkt, policy::Hook::FromPod)
 }
 

@@ -79,6 +79,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<Reason, Reason> {
         return outcome;
     }
     let Some(svc) = lb::lookup_service(&pkt) else {
+        ct::forget_superseded(&pkt);
         return Ok(Reason::PassNotService);
     };
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.service_id, pkt.saddr) {

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nodeplane_common::{
-    ct::{TCP_FLAG_ACK, TCP_FLAG_SYN},
+    ct::{TCP_CLOSE_TIMEOUT_NS, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpState, lifetime_ns},
     maps::{IPPROTO_TCP, IPPROTO_UDP},
     nat::{
         NAT_CFG_MASQUERADE, NAT_DIR_IN, NAT_DIR_OUT, NAT_F_NODEPORT, NAT_PROBES, NatConfig,
@@ -219,8 +219,42 @@ fn allocate(
         if NAT_V4.insert(k, client, u64::from(BPF_NOEXIST)).is_ok() {
             return Ok(port);
         }
+        // Taken. A finished flow's port need not wait for the agent's GC: delete its IN
+        // entry and claim the port with BPF_NOEXIST again (two CPUs racing for it both
+        // delete, only one insert wins).
+        if dead(&k, now) {
+            let _ = NAT_V4.remove(k);
+            if NAT_V4.insert(k, client, u64::from(BPF_NOEXIST)).is_ok() {
+                return Ok(port);
+            }
+        }
     }
     Err(Reason::DropNatExhausted)
+}
+
+/// Is the flow of IN entry `k` over: idle past its state's lifetime, or closed (or
+/// orphaned) in the client's direction for the closing timeout? The agent's GC applies the
+/// same rule (`ctgc::nat_dead`).
+#[inline(always)]
+fn dead(k: &NatKeyV4, now: u64) -> bool {
+    // SAFETY: plain-data value copied out at once.
+    let Some(v) = (unsafe { NAT_V4.get(k) }).copied() else { return false };
+    let idle = now.saturating_sub(v.last_seen_ns);
+    if idle > lifetime_ns(k.proto, TcpState::from_u8(v.state)) {
+        return true;
+    }
+    if idle <= TCP_CLOSE_TIMEOUT_NS {
+        return false;
+    }
+    // SAFETY: as above.
+    match unsafe { NAT_V4.get(v.partner(k)) } {
+        None => true,
+        Some(out) => {
+            let closed =
+                matches!(TcpState::from_u8(out.state), TcpState::Closing | TcpState::Closed);
+            closed && now.saturating_sub(out.last_seen_ns) > TCP_CLOSE_TIMEOUT_NS
+        }
+    }
 }
 
 /// Would a socket of the node receive `peer:pport -> node_ip:port` (a listener on that

@@ -394,3 +394,28 @@ fn an_expired_conntrack_entry_is_not_followed() {
     let renewed = dp.maps().ct.get(&key, 0).expect("ORIGINAL entry recreated");
     assert!(renewed.expires_ns > 1, "the flow got a new deadline");
 }
+
+/// The same client port reaching a backend through the Service, then straight to its
+/// address: the direct connection's SYN supersedes the service flow's REPLY entry, so its
+/// replies are not turned into the VIP's (they would reach a socket that never sent to the
+/// VIP and be reset). Only a SYN does it: a stray ACK leaves the entry alone.
+#[test]
+fn a_direct_syn_on_a_service_flows_tuple_supersedes_its_reverse_nat() {
+    let dp = fixture();
+    let syn = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
+    let backend = View::parse_checked(&run_once(&dp, &syn).frame).dst;
+    let reply = Frame::tcp(backend, CLIENT, TCP_SYN | TCP_ACK).build();
+
+    let stray = Frame::tcp(CLIENT, backend, TCP_ACK).build();
+    assert_eq!(run_once(&dp, &stray).action, TC_ACT_OK);
+    let (out, _) = run_counted(&dp, names::PROG_TO_POD, &reply);
+    assert_eq!(View::parse_checked(&out.frame).src, (VIP, TCP_PORT), "still the VIP's flow");
+
+    let direct = Frame::tcp(CLIENT, backend, TCP_SYN).build();
+    let (out, moved) = run_counted(&dp, names::PROG_FROM_POD, &direct);
+    assert_eq!((out.action, &out.frame), (TC_ACT_OK, &direct), "the direct SYN passes as it is");
+    assert_eq!(moved, [((Hook::FromPod, Reason::PassNotService), 1)]);
+    let (out, moved) = run_counted(&dp, names::PROG_TO_POD, &reply);
+    assert_eq!((out.action, out.frame), (TC_ACT_OK, reply), "the direct reply is left alone");
+    assert_eq!(moved, [((Hook::ToPod, Reason::PassNotService), 1)]);
+}

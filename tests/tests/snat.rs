@@ -444,3 +444,41 @@ fn only_a_pods_syn_starts_a_masqueraded_tcp_flow() {
         fx.snat(&frame(IPPROTO_TCP, (CLIENT, 40000), peer, TCP_ACK), MARK_SNAT, Reason::SnatNew);
     assert!(in_range(port, 4));
 }
+
+/// A finished flow's port is reclaimed by the allocator itself, without waiting for the
+/// agent's GC: a closed flow idle past the closing timeout, or one idle past its state's
+/// lifetime; a live flow's port never is.
+#[test]
+fn the_allocator_reclaims_the_port_of_a_finished_flow() {
+    use nodeplane_common::ct::{NSEC_PER_SEC, TcpState};
+    let mut fx = Fx::new(masquerade(NODE_IP, 1));
+    let peer = (PEER, 80);
+    let flow = |i: u16, flags: u8| frame(IPPROTO_TCP, (POD, 40000 + i), peer, flags);
+    let a = fx.snat(&flow(0, TCP_SYN), 0, Reason::SnatNew);
+    fx.dropped(&flow(1, TCP_SYN), 0, Reason::DropNatExhausted);
+    // Age A: closed in the client's direction 11 s ago, its IN entry as idle.
+    let now = nodeplane_agent::occupancy::monotonic_ns();
+    let age = |fx: &mut Fx, key: NatKeyV4, state: TcpState, idle_s: u64| {
+        let mut v = fx.dp.maps().nat.get(&key, 0).expect("entry");
+        v.state = state as u8;
+        v.last_seen_ns = now - idle_s * NSEC_PER_SEC;
+        fx.dp.maps().nat.insert(key, v, 0).expect("rewrite");
+    };
+    let a_out = nat_key((POD, 40000), peer, IPPROTO_TCP, NAT_DIR_OUT);
+    let a_in = nat_key(peer, (NODE_IP, a), IPPROTO_TCP, NAT_DIR_IN);
+    age(&mut fx, a_out, TcpState::Closing, 5);
+    age(&mut fx, a_in, TcpState::Established, 5);
+    fx.dropped(&flow(1, TCP_SYN), 0, Reason::DropNatExhausted);
+    age(&mut fx, a_out, TcpState::Closing, 11);
+    age(&mut fx, a_in, TcpState::Established, 11);
+    let b = fx.snat(&flow(1, TCP_SYN), 0, Reason::SnatNew);
+    assert_eq!(b, a, "B reclaims A's port once A is closed and idle past 10 s");
+    let b_in = fx.nat(peer, (NODE_IP, b), IPPROTO_TCP, NAT_DIR_IN).expect("B's IN entry");
+    assert_eq!(b_in.port, 40001u16.to_be_bytes());
+    // A UDP flow idle past its 60 s lifetime gives its port up too.
+    let udp = |i: u16| frame(IPPROTO_UDP, (POD, 50000 + i), (PEER, 53), 0);
+    let u = fx.snat(&udp(0), 0, Reason::SnatNew);
+    fx.dropped(&udp(1), 0, Reason::DropNatExhausted);
+    age(&mut fx, nat_key((PEER, 53), (NODE_IP, u), IPPROTO_UDP, NAT_DIR_IN), TcpState::None, 61);
+    assert_eq!(fx.snat(&udp(1), 0, Reason::SnatNew), u);
+}
