@@ -260,9 +260,9 @@ fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
         }
         document += 1;
         let located = Located { path, document, first_line: doc.line };
-        // Pad with the lines before the document so serde_yaml reports file line numbers.
-        let padded = format!("{}{}", "\n".repeat(doc.line - 1), doc.text);
-        parse_document(&located, &padded, &mut objects)?;
+        // Parsed alone (padding each document with the lines before it made a file of n
+        // documents cost O(n²)); `Located` turns serde_yaml's lines into the file's.
+        parse_document(&located, &doc.text, &mut objects)?;
     }
     Ok(objects)
 }
@@ -279,8 +279,16 @@ impl Located<'_> {
         FileError::Document {
             path: self.path.to_path_buf(),
             document: self.document,
-            line: Some(e.location().map_or(self.first_line, |l| l.line())),
-            message: e.to_string(),
+            line: Some(e.location().map_or(self.first_line, |l| self.first_line + l.line() - 1)),
+            // serde_yaml's own position counts from the document's start: the file's line
+            // is in `line`, the column is kept.
+            message: match e.location() {
+                Some(l) => e.to_string().replace(
+                    &format!("at line {} column {}", l.line(), l.column()),
+                    &format!("at column {}", l.column()),
+                ),
+                None => e.to_string(),
+            },
         }
     }
 
