@@ -184,9 +184,12 @@ pub fn create(
 
 /// A client's TCP SYN straight to an address that is not a frontend: if a service flow's
 /// REPLY entry has this very tuple reversed (the same client port once reached the same
-/// backend through a Service, and that flow is closing), the new connection supersedes
-/// it: the entry is deleted, or it would turn the new connection's replies into the old
-/// frontend's. Only the first packet of a connection pays the lookup.
+/// backend through a Service) and that flow is over (closing, closed, expired or gone),
+/// the new connection supersedes it: the entry is deleted, or it would turn the new
+/// connection's replies into the old frontend's. A flow still open is left alone: the SYN
+/// may be one XDP already DNATed for it (`from_netdev` sees that too), and two open
+/// connections on one tuple collide whatever is done here. Only the first packet of a
+/// connection pays the lookup.
 #[inline(always)]
 pub fn forget_superseded(pkt: &Packet) {
     use nodeplane_common::ct::{TCP_FLAG_ACK, TCP_FLAG_SYN};
@@ -202,8 +205,25 @@ pub fn forget_superseded(pkt: &Packet) {
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    // Absent is the common case; a failed delete changes nothing.
-    let _ = CT_V4.remove(key);
+    // SAFETY: plain-data value copied out at once.
+    let Some(reply) = (unsafe { CT_V4.get(key) }).copied() else { return };
+    let original = CtKeyV4 {
+        saddr: pkt.saddr,
+        daddr: reply.nat_addr,
+        sport: pkt.sport,
+        dport: reply.nat_port,
+        proto: pkt.proto,
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
+    };
+    // SAFETY: as above.
+    let open = unsafe { CT_V4.get(original) }.is_some_and(|o| {
+        o.expires_ns > now()
+            && matches!(TcpState::from_u8(o.state), TcpState::SynSent | TcpState::Established)
+    });
+    if !open {
+        let _ = CT_V4.remove(key);
+    }
 }
 
 /// Drops the REPLY entry of a flow whose backend is being replaced.

@@ -14,7 +14,7 @@ use nodeplane_common::{
     reason::{Hook, Reason},
 };
 use nodeplane_tests::{
-    packet::{Frame, TCP_ACK, TCP_SYN, View},
+    packet::{Frame, TCP_ACK, TCP_FIN, TCP_SYN, View},
     run::{TC_ACT_OK, TC_ACT_SHOT, run_once, run_once_on},
 };
 
@@ -396,22 +396,31 @@ fn an_expired_conntrack_entry_is_not_followed() {
 }
 
 /// The same client port reaching a backend through the Service, then straight to its
-/// address: the direct connection's SYN supersedes the service flow's REPLY entry, so its
-/// replies are not turned into the VIP's (they would reach a socket that never sent to the
-/// VIP and be reset). Only a SYN does it: a stray ACK leaves the entry alone.
+/// address once that flow is closing: the direct connection's SYN supersedes the service
+/// flow's REPLY entry, so its replies are not turned into the VIP's (they would reach a
+/// socket that never sent to the VIP and be reset). While the service flow is open (and
+/// for anything but a SYN) the entry stays: a SYN XDP already DNATed looks the same.
 #[test]
-fn a_direct_syn_on_a_service_flows_tuple_supersedes_its_reverse_nat() {
+fn a_direct_syn_on_a_closing_service_flows_tuple_supersedes_its_reverse_nat() {
     let dp = fixture();
     let syn = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_SYN).build();
     let backend = View::parse_checked(&run_once(&dp, &syn).frame).dst;
     let reply = Frame::tcp(backend, CLIENT, TCP_SYN | TCP_ACK).build();
+    let via_vip = |dp: &Datapath| {
+        let (out, _) = run_counted(dp, names::PROG_TO_POD, &reply);
+        View::parse_checked(&out.frame).src == (VIP, TCP_PORT)
+    };
+    let direct = Frame::tcp(CLIENT, backend, TCP_SYN).build();
 
+    // Open: a stray ACK and even a SYN on the tuple leave the flow's reverse NAT alone.
     let stray = Frame::tcp(CLIENT, backend, TCP_ACK).build();
     assert_eq!(run_once(&dp, &stray).action, TC_ACT_OK);
-    let (out, _) = run_counted(&dp, names::PROG_TO_POD, &reply);
-    assert_eq!(View::parse_checked(&out.frame).src, (VIP, TCP_PORT), "still the VIP's flow");
+    assert_eq!(run_once(&dp, &direct).action, TC_ACT_OK);
+    assert!(via_vip(&dp), "an open service flow keeps its reverse NAT");
 
-    let direct = Frame::tcp(CLIENT, backend, TCP_SYN).build();
+    // The client closes the service flow; then the direct SYN supersedes it.
+    let fin = Frame::tcp(CLIENT, (VIP, TCP_PORT), TCP_FIN | TCP_ACK).build();
+    assert_eq!(run_once(&dp, &fin).action, TC_ACT_OK);
     let (out, moved) = run_counted(&dp, names::PROG_FROM_POD, &direct);
     assert_eq!((out.action, &out.frame), (TC_ACT_OK, &direct), "the direct SYN passes as it is");
     assert_eq!(moved, [((Hook::FromPod, Reason::PassNotService), 1)]);
