@@ -9,6 +9,9 @@
 //! | `Closed`    | RST in either direction            | 10 s     |
 //! | UDP / other | any packet                         | 60 s     |
 //!
+//! A SYN (without ACK) on a closing or closed flow's tuple is a new connection reusing the
+//! client port: the entry starts over at `SynSent`, as netfilter reopens TIME_WAIT entries.
+//!
 //! Established TCP is long like Cilium's (kube-proxy sets nf_conntrack's 24 h); closing and
 //! reset flows are short so a port can be reused. Each packet pushes the deadline forward.
 
@@ -73,7 +76,14 @@ pub const fn tcp_next(prev: TcpState, flags: u8) -> TcpState {
                 TcpState::SynSent
             }
         }
-        // Once closing, stay closing until the entry expires: a late ACK must not
+        // A SYN on a finished flow's tuple is a new connection reusing the client port
+        // (as netfilter reopens a TIME_WAIT entry): it starts over.
+        TcpState::Closing | TcpState::Closed
+            if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 =>
+        {
+            TcpState::SynSent
+        }
+        // Otherwise, once closing, stay closing until the entry expires: a late ACK must not
         // resurrect a 6-hour lifetime.
         TcpState::Closing | TcpState::Closed => prev,
         TcpState::Established => TcpState::Established,
@@ -114,6 +124,16 @@ mod tests {
         let s = tcp_next(s, TCP_FLAG_ACK);
         assert_eq!(s, TcpState::Closing);
         assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_CLOSE_TIMEOUT_NS);
+    }
+
+    #[test]
+    fn a_syn_on_a_finished_flow_starts_a_new_connection() {
+        for prev in [TcpState::Closing, TcpState::Closed] {
+            assert_eq!(tcp_next(prev, TCP_FLAG_SYN), TcpState::SynSent, "{prev:?}");
+            assert_eq!(tcp_next(prev, TCP_FLAG_SYN | TCP_FLAG_ACK), prev, "{prev:?}");
+            assert_eq!(tcp_next(prev, TCP_FLAG_ACK), prev, "{prev:?}");
+        }
+        assert_eq!(tcp_next(TcpState::Established, TCP_FLAG_SYN), TcpState::Established);
     }
 
     #[test]
