@@ -345,27 +345,26 @@ fn service_frontends(
     let external_scope = Scope::new(service.external.traffic_policy_local, ext.node);
     let mut out = Vec::new();
     for port in &service.ports {
-        let (backends, draining, no_local_endpoints) =
-            usable_backends(index, service, port, scope, vips, notes)?;
+        // One port's frontends share everything but their key and external side.
+        let frontend = |usable: &(Vec<BackendV4>, Vec<BackendV4>, bool), external| Frontend {
+            service: service.key.clone(),
+            port_name: port.name.clone(),
+            backends: usable.0.clone(),
+            draining: usable.1.clone(),
+            session_affinity: service.session_affinity,
+            no_local_endpoints: usable.2,
+            external,
+        };
+        let internal = usable_backends(index, service, port, scope, vips, notes)?;
         for key in port_keys(service, port) {
-            let frontend = Frontend {
-                service: service.key.clone(),
-                port_name: port.name.clone(),
-                backends: backends.clone(),
-                draining: draining.clone(),
-                session_affinity: service.session_affinity,
-                no_local_endpoints,
-                external: None,
-            };
-            out.push((key, frontend));
+            out.push((key, frontend(&internal, None)));
         }
-        let external = external_keys(service, port, ext).peekable();
-        let mut external = external.peekable();
+        let mut external = external_keys(service, port, ext).peekable();
         if external.peek().is_none() {
             continue;
         }
-        let (backends, draining, no_local_endpoints) = if external_scope == scope {
-            (backends, draining, no_local_endpoints)
+        let usable = if external_scope == scope {
+            internal
         } else {
             usable_backends(index, service, port, external_scope, vips, &mut Vec::new())?
         };
@@ -374,20 +373,9 @@ fn service_frontends(
                 ExternalKind::LoadBalancer => service.external.source_ranges.clone(),
                 _ => Vec::new(),
             };
-            let frontend = Frontend {
-                service: service.key.clone(),
-                port_name: port.name.clone(),
-                backends: backends.clone(),
-                draining: draining.clone(),
-                session_affinity: service.session_affinity,
-                no_local_endpoints,
-                external: Some(ExternalFrontend {
-                    kind,
-                    traffic_policy_local: matches!(external_scope, Scope::Node(_)),
-                    source_ranges,
-                }),
-            };
-            out.push((key, frontend));
+            let traffic_policy_local = matches!(external_scope, Scope::Node(_));
+            let side = ExternalFrontend { kind, traffic_policy_local, source_ranges };
+            out.push((key, frontend(&usable, Some(side))));
         }
     }
     if ext.node.external_ip_allow.is_some() {
