@@ -478,27 +478,10 @@ pub fn run_pass(maps: &mut GcMaps, pass: Pass) -> Result<PassReport, GcError> {
     Ok(report)
 }
 
-/// Whether a `NAT_V4` entry is dead at `now`: idle past the conntrack lifetime of its TCP
-/// state (or UDP's), or idle for the closing timeout while its flow's other entry is gone
-/// (evicted or deleted: the flow cannot work any more, and an IN entry would hold its
-/// port) or closed for as long. The datapath's allocator reclaims a taken port by the same
-/// rule (`snat.rs`, `dead`).
+/// Whether a `NAT_V4` entry is dead at `now` (`nodeplane_common::nat::dead`, the rule the
+/// datapath's allocator reclaims ports by).
 pub fn nat_dead(key: &CtKeyV4, value: &NatValueV4, now: u64, partner: Option<&NatValueV4>) -> bool {
-    use nodeplane_common::ct::{TCP_CLOSE_TIMEOUT_NS, TcpState, lifetime_ns};
-    let idle = now.saturating_sub(value.last_seen_ns);
-    if idle > lifetime_ns(key.proto, TcpState::from_u8(value.state)) {
-        return true;
-    }
-    if idle <= TCP_CLOSE_TIMEOUT_NS {
-        return false;
-    }
-    match partner {
-        None => true,
-        Some(p) => {
-            matches!(TcpState::from_u8(p.state), TcpState::Closing | TcpState::Closed)
-                && now.saturating_sub(p.last_seen_ns) > TCP_CLOSE_TIMEOUT_NS
-        }
-    }
+    nodeplane_common::nat::dead(key.proto, value, now, partner)
 }
 
 /// The `NAT_V4` part of an expiry pass.

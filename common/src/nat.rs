@@ -146,6 +146,30 @@ impl NatValueV4 {
     }
 }
 
+/// Whether a `NAT_V4` entry (`value`, of protocol `proto`) is dead at `now`: idle past
+/// the conntrack lifetime of its TCP state (or UDP's), or idle for the closing timeout
+/// while its flow's other entry (`partner`) is gone (evicted or deleted: the flow cannot
+/// work any more, and an IN entry would hold its port) or closed for as long. The
+/// datapath's allocator reclaims a taken port by this rule, the agent's GC deletes by it.
+#[inline(always)]
+pub fn dead(proto: u8, value: &NatValueV4, now: u64, partner: Option<&NatValueV4>) -> bool {
+    use crate::ct::{TCP_CLOSE_TIMEOUT_NS, TcpState, lifetime_ns};
+    let idle = now.saturating_sub(value.last_seen_ns);
+    if idle > lifetime_ns(proto, TcpState::from_u8(value.state)) {
+        return true;
+    }
+    if idle <= TCP_CLOSE_TIMEOUT_NS {
+        return false;
+    }
+    match partner {
+        None => true,
+        Some(p) => {
+            matches!(TcpState::from_u8(p.state), TcpState::Closing | TcpState::Closed)
+                && now.saturating_sub(p.last_seen_ns) > TCP_CLOSE_TIMEOUT_NS
+        }
+    }
+}
+
 /// Default allocator range: the unprivileged ports below the NodePort range (30000–32767)
 /// and Linux's default `ip_local_port_range` (32768–60999), so neither a NodePort nor the
 /// node's own outgoing connections ever share a port with a NATed flow; the node's

@@ -36,6 +36,7 @@ const IP_OFFSET: u16 = 0x1fff;
 
 /// The fields of an IPv4 packet the datapath needs. Addresses and ports are in network
 /// order, as on the wire. Ports are those of TCP, UDP or SCTP, and 0 for other protocols.
+#[derive(Clone, Copy)]
 pub struct Packet {
     /// Offset of the L4 header: `ETH_HLEN + IHL * 4`.
     pub l4_off: usize,

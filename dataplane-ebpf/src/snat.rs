@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nodeplane_common::{
-    ct::{TCP_CLOSE_TIMEOUT_NS, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpState, lifetime_ns},
+    ct::{TCP_FLAG_ACK, TCP_FLAG_SYN},
     maps::{IPPROTO_TCP, IPPROTO_UDP},
     nat::{
         NAT_CFG_MASQUERADE, NAT_DIR_IN, NAT_DIR_OUT, NAT_F_NODEPORT, NAT_PROBES, NatConfig,
@@ -97,25 +97,19 @@ pub fn egress(
     if pkt.saddr == cfg.node_ip {
         return Ok(None);
     }
-    let out = key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, NAT_DIR_OUT);
-    let mapped = NAT_V4.get_ptr_mut(out);
-    if let Some(entry) = mapped {
-        // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
-        let e = unsafe { &mut *entry };
-        // The port is still this flow's only while its IN entry says so: an evicted IN
-        // entry may have let another flow claim the port (the flow then gets a new one).
-        if owns_port(pkt, e.addr, e.port) {
-            touch(e, pkt, now);
-            let (addr, port) = (e.addr, e.port);
+    let mapped = match mapping(pkt, now) {
+        Mapping::Owned(addr, port) => {
             nat::snat(ctx, pkt, addr, port)?;
             return Ok(Some(Reason::Snat));
         }
-    }
+        Mapping::Lost => true,
+        Mapping::None => false,
+    };
     // A masqueraded TCP flow starts with the pod's SYN, as iptables' MASQUERADE only NATs
     // new connections: a segment of a flow never mapped (a pod's SYN-ACK to a peer that
     // reached its address directly) leaves as it is.
     let syn = pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    if !nodeport && mapped.is_none() && pkt.proto == IPPROTO_TCP && !syn {
+    if !nodeport && !mapped && pkt.proto == IPPROTO_TCP && !syn {
         return Ok(None);
     }
     let flags = if nodeport { NAT_F_NODEPORT } else { 0 };
@@ -137,17 +131,35 @@ pub fn nodeport_source(
     if cfg.node_ip == [0; 4] {
         return Err(Reason::DropNoNodeIp);
     }
-    let out = key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, NAT_DIR_OUT);
-    if let Some(entry) = NAT_V4.get_ptr_mut(out) {
-        // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
-        let e = unsafe { &mut *entry };
-        if owns_port(pkt, e.addr, e.port) {
-            touch(e, pkt, now);
-            return Ok((e.addr, e.port, Reason::Snat));
-        }
+    if let Mapping::Owned(addr, port) = mapping(pkt, now) {
+        return Ok((addr, port, Reason::Snat));
     }
     let port = start(ctx, pkt, &cfg, NAT_F_NODEPORT, now)?;
     Ok((cfg.node_ip, port, Reason::SnatNew))
+}
+
+/// A flow's SNAT mapping, as [`mapping`] finds it.
+enum Mapping {
+    /// No OUT entry: the flow was never SNATed (or its entry is gone).
+    None,
+    /// An OUT entry whose port another flow took (an evicted IN entry let it): the flow
+    /// gets a new port.
+    Lost,
+    /// The `node_ip:port` the flow leaves with (refreshed by this packet).
+    Owned([u8; 4], [u8; 2]),
+}
+
+#[inline(always)]
+fn mapping(pkt: &Packet, now: u64) -> Mapping {
+    let out = key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, NAT_DIR_OUT);
+    let Some(entry) = NAT_V4.get_ptr_mut(out) else { return Mapping::None };
+    // SAFETY: an LRU element stays valid for the rest of this program run (RCU).
+    let e = unsafe { &mut *entry };
+    if !owns_port(pkt, e.addr, e.port) {
+        return Mapping::Lost;
+    }
+    touch(e, pkt, now);
+    Mapping::Owned(e.addr, e.port)
 }
 
 /// Starts an SNATed flow: claims a port and records the OUT entry.
@@ -232,29 +244,13 @@ fn allocate(
     Err(Reason::DropNatExhausted)
 }
 
-/// Is the flow of IN entry `k` over: idle past its state's lifetime, or closed (or
-/// orphaned) in the client's direction for the closing timeout? The agent's GC applies the
-/// same rule (`ctgc::nat_dead`).
+/// Is the flow of IN entry `k` over? `nodeplane_common::nat::dead`, the agent's GC rule.
 #[inline(always)]
 fn dead(k: &NatKeyV4, now: u64) -> bool {
-    // SAFETY: plain-data value copied out at once.
+    // SAFETY: plain-data values copied out at once.
     let Some(v) = (unsafe { NAT_V4.get(k) }).copied() else { return false };
-    let idle = now.saturating_sub(v.last_seen_ns);
-    if idle > lifetime_ns(k.proto, TcpState::from_u8(v.state)) {
-        return true;
-    }
-    if idle <= TCP_CLOSE_TIMEOUT_NS {
-        return false;
-    }
-    // SAFETY: as above.
-    match unsafe { NAT_V4.get(v.partner(k)) } {
-        None => true,
-        Some(out) => {
-            let closed =
-                matches!(TcpState::from_u8(out.state), TcpState::Closing | TcpState::Closed);
-            closed && now.saturating_sub(out.last_seen_ns) > TCP_CLOSE_TIMEOUT_NS
-        }
-    }
+    let partner = unsafe { NAT_V4.get(v.partner(k)) }.copied();
+    nodeplane_common::nat::dead(k.proto, &v, now, partner.as_ref())
 }
 
 /// Would a socket of the node receive `peer:pport -> node_ip:port` (a listener on that

@@ -153,7 +153,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<Done, Reason> {
         if !ttl_left(ctx) {
             return pass(Reason::PassNotService);
         }
-        let to = Packet { daddr: addr, dport: port, ..copy(&pkt) };
+        let to = Packet { daddr: addr, dport: port, ..pkt };
         let (node_ip, nat_port, reason) = snat::nodeport_source(ctx.ctx.cast(), &to, now)?;
         lb::record(&pkt, &fwd, now)?;
         set_dst(ctx, &pkt, addr, port)?;
@@ -191,7 +191,7 @@ fn reply(
         return pass(Reason::RevSnat);
     }
     // The flow's REPLY entry, as `to_netdev` would find it once the destination is back.
-    let back = Packet { daddr: client, dport: cport, ..copy(pkt) };
+    let back = Packet { daddr: client, dport: cport, ..*pkt };
     let Some(rev) = ct::lookup_reply(&back) else {
         return pass(Reason::PassNotService);
     };
@@ -213,21 +213,6 @@ fn reply(
     set_macs(ctx, &fib)?;
     dec_ttl(ctx)?;
     Ok((xdp_action::XDP_TX, Reason::RevSnat))
-}
-
-#[inline(always)]
-fn copy(pkt: &Packet) -> Packet {
-    Packet {
-        l4_off: pkt.l4_off,
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        tcp_flags: pkt.tcp_flags,
-        ip_id: pkt.ip_id,
-        frag: Frag::None,
-    }
 }
 
 #[inline(always)]
