@@ -8,6 +8,7 @@ pub mod bench_api;
 pub mod bench_nodeport;
 pub mod bench_policy;
 pub mod cluster;
+pub mod http;
 pub mod multinode;
 pub mod netpol;
 pub mod ns_run;

@@ -20,8 +20,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::OsString,
-    io::{self, BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    io::{self, BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener},
     process::Child,
     sync::{
         Mutex, PoisonError,
@@ -341,19 +341,8 @@ impl ApiCluster {
 
     /// An HTTP GET from the node netns (where the agent serves): status and body.
     fn http_get(&self, addr: SocketAddrV4, path: &str) -> io::Result<(u16, String)> {
-        let get = || {
-            let mut stream = TcpStream::connect_timeout(&addr.into(), TIMEOUT)?;
-            stream.set_read_timeout(Some(TIMEOUT))?;
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-            let mut text = String::new();
-            stream.read_to_string(&mut text)?;
-            let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok());
-            let status = status
-                .ok_or_else(|| io::Error::other(format!("not an HTTP response: {text:?}")))?;
-            let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_string();
-            Ok((status, body))
-        };
-        self.in_node(get).map_err(io::Error::other)?
+        self.in_node(|| nodeplane_tests::http::get(addr, path, TIMEOUT))
+            .map_err(io::Error::other)?
     }
 
     /// `/healthz` or `/readyz`'s status.

@@ -18,8 +18,7 @@ use std::{
     collections::BTreeMap,
     ffi::OsString,
     fs,
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
@@ -171,18 +170,12 @@ fn free_port_in_node(lab: &nodeplane_lab::Lab) -> u16 {
     .unwrap_or_else(|e| panic!("entering the node netns: {e:#}"))
 }
 
-/// A plain HTTP/1.0 GET (the server closes the connection after the answer); the body.
+/// A GET that must answer 200: the body.
 fn http_get(addr: SocketAddrV4, path: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.take(16 << 20).read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("answered {head:?}")));
+    match nodeplane_tests::http::get(addr, path, Duration::from_secs(5))? {
+        (200, body) => Ok(body),
+        (status, _) => Err(std::io::Error::other(format!("answered {status}"))),
     }
-    Ok(body.to_string())
 }
 
 // --- the flow log file ---

@@ -22,7 +22,10 @@ use std::{
 };
 
 use nodeplane_lab::{Lab, netns, server};
-use nodeplane_tests::multinode::{MultiCluster, PeerEcho};
+use nodeplane_tests::{
+    http,
+    multinode::{MultiCluster, PeerEcho},
+};
 
 const MULTINODE: &str = include_str!("../../lab/examples/multinode.yaml");
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -220,17 +223,11 @@ fn load_balancer_ips_honour_source_ranges_and_external_ips_are_served() {
 /// The agent of `node`'s packet counter for `hook` and `reason` (its `/metrics` on
 /// 127.0.0.1:10249 in the node netns).
 fn counter(lab: &Lab, node: u8, hook: &str, reason: &str) -> u64 {
-    let text = lab
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
+    let (_, text) = lab
         .node(node)
         .expect("node")
-        .run(|| -> io::Result<String> {
-            let mut stream = TcpStream::connect(("127.0.0.1", 10249))?;
-            stream.set_read_timeout(Some(TIMEOUT))?;
-            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")?;
-            let mut text = String::new();
-            io::Read::read_to_string(&mut stream, &mut text)?;
-            Ok(text)
-        })
+        .run(|| http::get(metrics, "/metrics", TIMEOUT))
         .expect("entering the node")
         .expect("scraping the agent's metrics");
     let series = format!("nodeplane_datapath_packets_total{{hook=\"{hook}\",reason=\"{reason}\",");
@@ -294,17 +291,7 @@ fn nodeport_keeps_working_while_the_agent_is_killed_and_restarted() {
 
 /// `GET /healthz` on `addr` from the external client: the status code and the body.
 fn http_get(lab: &Lab, addr: SocketAddrV4) -> io::Result<(u16, String)> {
-    lab.in_external(|| -> io::Result<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&addr.into(), TIMEOUT)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        io::Read::read_to_string(&mut stream, &mut text)?;
-        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-        Ok((status, body))
-    })
-    .expect("entering the external client")
+    lab.in_external(|| http::get(addr, "/healthz", TIMEOUT)).expect("entering the external client")
 }
 
 #[test]
